@@ -1,0 +1,114 @@
+"""NemotronH: embeddings → pre-norm residual blocks (one mixer each, chosen by pattern letter) → norm_f → lm_head."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jaxtyping import Array, Float, Int
+
+from cascade_jax.config import ModelConfig
+from cascade_jax.model.attention import AttentionMixer
+from cascade_jax.model.layers import Linear, RMSNorm
+from cascade_jax.model.mamba2 import Mamba2Mixer
+from cascade_jax.model.mlp import MLP
+from cascade_jax.model.moe import MoEMixer
+
+
+@dataclasses.dataclass(frozen=True)
+class Backends:
+    """Kernel choices for the ops behind the mixers; the math does not change with them."""
+
+    attention: str = "xla"
+    grouped_matmul: str = "xla"
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class ModelOutput:
+    logits: Float[Array, "B T V"] | None
+    hidden_states: Float[Array, "B T D"]   # after norm_f: the input of lm_head
+    expert_load: Int[Array, "L_moe E"]     # tokens routed to each expert, per MoE layer
+
+
+class Block(nnx.Module):
+    """h + mixer(RMSNorm(h)); the mixer is picked by the layer's pattern letter."""
+
+    def __init__(self, config: ModelConfig, letter: str, *, rngs: nnx.Rngs, dtype, param_dtype, backends: Backends):
+        self.letter = letter
+        self.norm = RMSNorm(config.hidden_size, config.layer_norm_epsilon, param_dtype=param_dtype,
+                            axes=("embed",))
+        kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+        if letter == "M":
+            self.mixer = Mamba2Mixer(config, **kw)
+        elif letter == "E":
+            self.mixer = MoEMixer(config, backend=backends.grouped_matmul, **kw)
+        elif letter == "*":
+            self.mixer = AttentionMixer(config, backend=backends.attention, **kw)
+        else:
+            self.mixer = MLP(config, config.intermediate_size, **kw)
+
+    def __call__(self, h, segment_ids, token_mask):
+        u = self.norm(h)
+        load = None
+        if self.letter == "M":
+            out = self.mixer(u, segment_ids)
+        elif self.letter == "E":
+            out, load = self.mixer(u, token_mask)
+        elif self.letter == "*":
+            out = self.mixer(u, segment_ids)
+        else:
+            out = self.mixer(u)
+        return h + out.astype(h.dtype), load
+
+
+class NemotronH(nnx.Module):
+    """The hybrid Mamba-2 / attention / MoE language model of Nemotron-3-Nano.
+
+    Parameters are stored in `param_dtype` and computed in `dtype`; the SSM scan, norms, router and
+    softmax always run in fp32, and A_log, D and the router correction bias are always fp32.
+    """
+
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs, dtype=jnp.float32, param_dtype=jnp.float32,
+                 backends: Backends = Backends()):
+        c = config
+        self.config, self.dtype = c, dtype
+        self.embeddings = nnx.Embed(c.vocab_size, c.hidden_size, dtype=dtype, param_dtype=param_dtype,
+                                    embedding_init=nnx.initializers.normal(c.initializer_range), rngs=rngs)
+        self.embeddings.embedding.set_metadata(logical_axes=("vocab", "embed"))
+        self.layers = nnx.List([Block(c, letter, rngs=rngs, dtype=dtype, param_dtype=param_dtype, backends=backends)
+                                for letter in c.layer_pattern])
+        self.norm_f = RMSNorm(c.hidden_size, c.layer_norm_epsilon, param_dtype=param_dtype, axes=("embed",))
+        self.lm_head = None if c.tie_word_embeddings else Linear(
+            c.hidden_size, c.vocab_size, ("embed", "vocab"), rngs=rngs, std=c.initializer_range,
+            dtype=dtype, param_dtype=param_dtype)
+
+    def __call__(
+        self,
+        input_ids: Int[Array, "B T"],
+        segment_ids: Int[Array, "B T"] | None = None,
+        *,
+        compute_logits: bool = True,
+    ) -> ModelOutput:
+        """`segment_ids` marks the documents of a packed row (0 = padding): nothing crosses a boundary.
+
+        With `compute_logits=False` only the final hidden states are returned, so a chunked loss can
+        apply lm_head without ever building [tokens, vocab].
+        """
+        h = self.embeddings(input_ids).astype(self.dtype)
+        token_mask = None if segment_ids is None else segment_ids > 0
+        loads = []
+        for block in self.layers:
+            h, load = block(h, segment_ids, token_mask)
+            if load is not None:
+                loads.append(load)
+        hidden = self.norm_f(h)
+        expert_load = jnp.stack(loads) if loads else jnp.zeros((0, self.config.n_routed_experts), jnp.int32)
+        return ModelOutput(self.logits(hidden) if compute_logits else None, hidden, expert_load)
+
+    def logits(self, hidden: Float[Array, "... D"]) -> Float[Array, "... V"]:
+        if self.lm_head is None:
+            return self.embeddings.attend(hidden)
+        return self.lm_head(hidden)

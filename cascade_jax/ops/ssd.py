@@ -1,0 +1,151 @@
+"""Mamba-2 state-space scan: the chunked SSD algorithm and its per-token reference.
+
+Recurrence per head h (state S ∈ R^{P×N}, fp32, reset to 0 at every document start):
+    S[t] = exp(Δ[t]·A) · S[t-1] + Δ[t] · x[t] ⊗ B[t]
+    y[t] = S[t] · C[t]
+The chunked form is an exact re-association: inside a chunk of C tokens the output is a masked,
+decay-weighted "attention" C·Bᵀ over the chunk; across chunks only the [P, N] states are passed on.
+Working memory is O(T·C) per head for the intra-chunk matrices plus one state per chunk.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Float, Int
+
+_NEG_INF = -jnp.inf
+
+
+def _broadcast_groups(bc: Float[Array, "B T G N"], num_heads: int) -> Float[Array, "B T H N"]:
+    """Head h reads B/C group h // (H / G)."""
+    return jnp.repeat(bc, num_heads // bc.shape[2], axis=2)
+
+
+def _document_starts(segment_ids: Int[Array, "B T"]) -> Array:
+    """True where a token starts a new document (its segment differs from the previous token's)."""
+    previous = jnp.concatenate([segment_ids[:, :1], segment_ids[:, :-1]], axis=1)
+    return segment_ids != previous
+
+
+def ssd_reference(
+    x: Float[Array, "B T H P"],
+    dt: Float[Array, "B T H"],
+    A: Float[Array, "H"],
+    B: Float[Array, "B T G N"],
+    C: Float[Array, "B T G N"],
+    segment_ids: Int[Array, "B T"] | None = None,
+    initial_state: Float[Array, "B H P N"] | None = None,
+) -> tuple[Float[Array, "B T H P"], Float[Array, "B H P N"]]:
+    """Per-token recurrence (slow, obviously right). `dt` is Δ after softplus; `A` is negative."""
+    batch, _, heads, head_dim = x.shape
+    f32 = jnp.float32
+    x, dt, A = x.astype(f32), dt.astype(f32), A.astype(f32)
+    B, C = _broadcast_groups(B.astype(f32), heads), _broadcast_groups(C.astype(f32), heads)
+    if segment_ids is None:
+        segment_ids = jnp.zeros(x.shape[:2], jnp.int32)
+    keep = ~_document_starts(segment_ids)
+    state = jnp.zeros((batch, heads, head_dim, B.shape[-1]), f32) if initial_state is None else initial_state
+    state = state.astype(f32)
+
+    def step(state, inputs):
+        x_t, dt_t, b_t, c_t, keep_t = inputs
+        decay = jnp.exp(dt_t * A) * keep_t[:, None]
+        state = decay[..., None, None] * state + jnp.einsum("bh,bhp,bhn->bhpn", dt_t, x_t, b_t)
+        return state, jnp.einsum("bhpn,bhn->bhp", state, c_t)
+
+    time_major = [jnp.moveaxis(a, 1, 0) for a in (x, dt, B, C, keep)]
+    state, y = jax.lax.scan(step, state, time_major)
+    return jnp.moveaxis(y, 0, 1), state
+
+
+def _segment_sum(log_decay: Float[Array, "... C"]) -> Float[Array, "... C C"]:
+    """out[i, j] = Σ_{k=j+1..i} log_decay[k] for j ≤ i, −inf above the diagonal.
+
+    Summing the masked terms directly (rather than differencing a cumulative sum) keeps full fp32
+    precision where the decays are long.
+    """
+    size = log_decay.shape[-1]
+    tiled = jnp.broadcast_to(log_decay[..., :, None], log_decay.shape + (size,))
+    strictly_lower = jnp.tril(jnp.ones((size, size), bool), -1)
+    sums = jnp.cumsum(jnp.where(strictly_lower, tiled, 0.0), axis=-2)
+    return jnp.where(jnp.tril(jnp.ones((size, size), bool)), sums, _NEG_INF)
+
+
+def ssd_chunked(
+    x: Float[Array, "B T H P"],
+    dt: Float[Array, "B T H"],
+    A: Float[Array, "H"],
+    B: Float[Array, "B T G N"],
+    C: Float[Array, "B T G N"],
+    chunk_size: int,
+    segment_ids: Int[Array, "B T"] | None = None,
+    initial_state: Float[Array, "B H P N"] | None = None,
+) -> tuple[Float[Array, "B T H P"], Float[Array, "B H P N"]]:
+    """Chunked SSD scan in fp32; same contract as `ssd_reference`.
+
+    `initial_state` belongs to the row's first document; the state resets at every later document start.
+    The final state is the state after the last token.
+    """
+    batch, length, heads, head_dim = x.shape
+    groups, state_size = B.shape[2], B.shape[3]
+    f32 = jnp.float32
+    if segment_ids is None:
+        segment_ids = jnp.zeros((batch, length), jnp.int32)
+    # Pad to whole chunks with Δ = 0 (decay 1, no input) in the last token's segment: the state is unchanged.
+    pad = -length % chunk_size
+    if pad:
+        def pad_time(a, value=0):
+            return jnp.pad(a, [(0, 0), (0, pad)] + [(0, 0)] * (a.ndim - 2), constant_values=value)
+        x, dt, B, C = pad_time(x), pad_time(dt), pad_time(B), pad_time(C)
+        segment_ids = jnp.concatenate(
+            [segment_ids, jnp.broadcast_to(segment_ids[:, -1:], (batch, pad))], axis=1)
+    chunks = (length + pad) // chunk_size
+
+    def to_chunks(a):
+        return a.reshape((batch, chunks, chunk_size) + a.shape[2:]).astype(f32)
+
+    x, dt, B, C = to_chunks(x), to_chunks(dt), to_chunks(B), to_chunks(C)
+    seg = segment_ids.reshape(batch, chunks, chunk_size)
+    heads_per_group = heads // groups
+    log_decay = jnp.moveaxis(dt * A.astype(f32), -1, 2)                       # [B, c, H, C]
+    cum_decay = jnp.cumsum(log_decay, axis=-1)                               # [B, c, H, C]
+    x_dt = x * dt[..., None]                                                 # [B, c, C, H, P]
+
+    # 1. Intra-chunk: y[i] = Σ_{j≤i, same doc} C_i·B_j · exp(Σ_{j<k≤i} log a_k) · Δ_j x_j.
+    segment_sums = _segment_sum(log_decay)                                   # [B, c, H, C, C]
+    same_doc = seg[..., :, None] == seg[..., None, :]                        # [B, c, C, C]
+    decay_matrix = jnp.exp(jnp.where(same_doc[:, :, None], segment_sums, _NEG_INF))
+    scores = jnp.einsum("bcign,bcjgn->bcgij", C, B)                          # [B, c, G, C, C]
+    scores = jnp.repeat(scores, heads_per_group, axis=2) * decay_matrix      # [B, c, H, C, C]
+    y = jnp.einsum("bchij,bcjhp->bcihp", scores, x_dt)
+
+    # 2. Each chunk's own contribution to the state at its last token.
+    last_seg = seg[..., -1:]                                                 # [B, c, 1]
+    decay_to_end = jnp.exp(jnp.where((seg == last_seg)[:, :, None],
+                                     segment_sums[..., -1, :], _NEG_INF))     # [B, c, H, C]
+    B_heads = jnp.repeat(B, heads_per_group, axis=3)                         # [B, c, C, H, N]
+    chunk_states = jnp.einsum("bchj,bcjhp,bcjhn->bchpn", decay_to_end, x_dt, B_heads)
+
+    # 3. Pass states across chunks; the carry survives a chunk only if no document starts inside it.
+    prev_last_seg = jnp.concatenate([seg[:, :1, :1], last_seg[:, :-1]], axis=1)  # [B, c, 1]
+    carry_decay = jnp.exp(cum_decay[..., -1]) * (last_seg == prev_last_seg)       # [B, c, H]
+    state0 = (jnp.zeros((batch, heads, head_dim, state_size), f32) if initial_state is None
+              else initial_state.astype(f32))
+
+    def pass_state(carry, inputs):
+        decay, own = inputs
+        new = decay[..., None, None] * carry + own
+        return new, carry
+
+    final_state, states_before = jax.lax.scan(
+        pass_state, state0, (jnp.moveaxis(carry_decay, 1, 0), jnp.moveaxis(chunk_states, 1, 0)))
+    states_before = jnp.moveaxis(states_before, 0, 1)                        # [B, c, H, P, N]
+
+    # 4. Contribution of the incoming state to each token still in the incoming document.
+    decay_from_start = jnp.exp(jnp.where((seg == prev_last_seg)[:, :, None], cum_decay, _NEG_INF))
+    C_heads = jnp.repeat(C, heads_per_group, axis=3)                         # [B, c, C, H, N]
+    y = y + jnp.einsum("bcihn,bchpn,bchi->bcihp", C_heads, states_before, decay_from_start)
+
+    y = y.reshape(batch, chunks * chunk_size, heads, head_dim)[:, :length]
+    return y, final_state

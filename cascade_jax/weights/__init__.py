@@ -1,0 +1,1 @@
+"""Checkpoint I/O: the HF ⇄ JAX name table, lazy safetensors reading, load_pretrained."""

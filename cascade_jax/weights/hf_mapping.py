@@ -1,0 +1,115 @@
+"""The single HF ⇄ JAX table: which checkpoint tensors make each model parameter, and how.
+
+HF names are the original NemotronH checkpoint names (`backbone.*`, one tensor per expert), which is
+also what transformers' `save_pretrained` writes. Transforms:
+  copy     same array
+  linear   HF [out, in]  ⇄ ours [in, out]
+  conv     HF [C, 1, K]  ⇄ ours [K, C]
+  experts  HF E × [out, in] ⇄ ours [E, in, out]
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+
+import numpy as np
+
+from cascade_jax.config import ModelConfig
+
+# Tensors the original checkpoint stores in fp32 whatever the model dtype.
+FP32_TENSORS = ("A_log", "D", "e_score_correction_bias")
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorRule:
+    path: tuple[str | int, ...]      # parameter path in the NNX state
+    hf_names: tuple[str, ...]        # one name, or one per expert for "experts"
+    transform: str
+
+    @property
+    def keeps_fp32(self) -> bool:
+        return self.hf_names[0].rsplit(".", 1)[-1] in FP32_TENSORS
+
+
+def _layer_rules(config: ModelConfig, i: int, letter: str) -> list[TensorRule]:
+    hf, ours = f"backbone.layers.{i}", ("layers", i)
+
+    def rule(our_tail, hf_tail, transform):
+        return TensorRule(ours + tuple(our_tail), (f"{hf}.{hf_tail}",), transform)
+
+    rules = [rule(("norm", "weight"), "norm.weight", "copy")]
+    if letter == "M":
+        rules += [rule(("mixer", "in_proj", "kernel"), "mixer.in_proj.weight", "linear"),
+                  rule(("mixer", "conv_weight"), "mixer.conv1d.weight", "conv"),
+                  rule(("mixer", "dt_bias"), "mixer.dt_bias", "copy"),
+                  rule(("mixer", "A_log"), "mixer.A_log", "copy"),
+                  rule(("mixer", "D"), "mixer.D", "copy"),
+                  rule(("mixer", "norm_weight"), "mixer.norm.weight", "copy"),
+                  rule(("mixer", "out_proj", "kernel"), "mixer.out_proj.weight", "linear")]
+        if config.use_conv_bias:
+            rules.append(rule(("mixer", "conv_bias"), "mixer.conv1d.bias", "copy"))
+        if config.mamba_proj_bias:
+            rules += [rule(("mixer", "in_proj", "bias"), "mixer.in_proj.bias", "copy"),
+                      rule(("mixer", "out_proj", "bias"), "mixer.out_proj.bias", "copy")]
+    elif letter == "E":
+        experts = range(config.n_routed_experts)
+        rules += [rule(("mixer", "router", "kernel"), "mixer.gate.weight", "linear"),
+                  rule(("mixer", "correction_bias"), "mixer.gate.e_score_correction_bias", "copy")]
+        for proj in ("up_proj", "down_proj"):
+            names = tuple(f"{hf}.mixer.experts.{e}.{proj}.weight" for e in experts)
+            rules.append(TensorRule(ours + ("mixer", proj), names, "experts"))
+        if config.n_shared_experts:
+            rules += [rule(("mixer", "shared_experts", p, "kernel"), f"mixer.shared_experts.{p}.weight", "linear")
+                      for p in ("up_proj", "down_proj")]
+    elif letter == "*":
+        rules += [rule(("mixer", p, "kernel"), f"mixer.{p}.weight", "linear")
+                  for p in ("q_proj", "k_proj", "v_proj", "o_proj")]
+        if config.attention_bias:
+            rules += [rule(("mixer", p, "bias"), f"mixer.{p}.bias", "copy")
+                      for p in ("q_proj", "k_proj", "v_proj", "o_proj")]
+    else:
+        rules += [rule(("mixer", p, "kernel"), f"mixer.{p}.weight", "linear") for p in ("up_proj", "down_proj")]
+        if config.mlp_bias:
+            rules += [rule(("mixer", p, "bias"), f"mixer.{p}.bias", "copy") for p in ("up_proj", "down_proj")]
+    return rules
+
+
+def hf_rules(config: ModelConfig) -> list[TensorRule]:
+    """Every model parameter, in checkpoint order."""
+    rules = [TensorRule(("embeddings", "embedding"), ("backbone.embeddings.weight",), "copy")]
+    for i, letter in enumerate(config.layer_pattern):
+        rules += _layer_rules(config, i, letter)
+    rules.append(TensorRule(("norm_f", "weight"), ("backbone.norm_f.weight",), "copy"))
+    if not config.tie_word_embeddings:
+        rules.append(TensorRule(("lm_head", "kernel"), ("lm_head.weight",), "linear"))
+    return rules
+
+
+def to_jax(rule: TensorRule, tensors: Sequence[np.ndarray]) -> np.ndarray:
+    if rule.transform == "copy":
+        return tensors[0]
+    if rule.transform == "linear":
+        return tensors[0].T
+    if rule.transform == "conv":
+        return tensors[0][:, 0, :].T
+    if rule.transform == "experts":
+        return np.stack([t.T for t in tensors])
+    raise ValueError(f"unknown transform {rule.transform!r}")
+
+
+def to_hf(rule: TensorRule, array: np.ndarray) -> list[np.ndarray]:
+    if rule.transform == "copy":
+        return [array]
+    if rule.transform == "linear":
+        return [array.T]
+    if rule.transform == "conv":
+        return [array.T[:, None, :]]
+    if rule.transform == "experts":
+        return [a.T for a in array]
+    raise ValueError(f"unknown transform {rule.transform!r}")
+
+
+def hf_shapes(rule: TensorRule, jax_shape: tuple[int, ...]) -> list[tuple[int, ...]]:
+    """Shapes the checkpoint must hold for a parameter of `jax_shape`."""
+    return [a.shape for a in to_hf(rule, np.broadcast_to(np.int8(0), jax_shape))]  # a view: no memory
