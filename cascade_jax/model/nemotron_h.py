@@ -25,6 +25,13 @@ class Backends:
     grouped_matmul: str = "xla"
 
 
+REMAT_POLICIES = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
 class ModelOutput:
@@ -72,9 +79,12 @@ class NemotronH(nnx.Module):
     """
 
     def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs, dtype=jnp.float32, param_dtype=jnp.float32,
-                 backends: Backends = Backends()):
+                 backends: Backends = Backends(), remat: str = "none"):
+        """`remat` picks what each block keeps for the backward pass: none (everything), full, dots."""
+        if remat not in REMAT_POLICIES:
+            raise ValueError(f"remat {remat!r}: expected one of {sorted(REMAT_POLICIES)}")
         c = config
-        self.config, self.dtype = c, dtype
+        self.config, self.dtype, self.remat = c, dtype, remat
         self.embeddings = nnx.Embed(c.vocab_size, c.hidden_size, dtype=dtype, param_dtype=param_dtype,
                                     embedding_init=nnx.initializers.normal(c.initializer_range), rngs=rngs)
         self.embeddings.embedding.set_metadata(logical_axes=("vocab", "embed"))
@@ -101,7 +111,10 @@ class NemotronH(nnx.Module):
         token_mask = None if segment_ids is None else segment_ids > 0
         loads = []
         for block in self.layers:
-            h, load = block(h, segment_ids, token_mask)
+            if self.remat == "none":
+                h, load = block(h, segment_ids, token_mask)
+            else:
+                h, load = _rematerialized(block, REMAT_POLICIES[self.remat], h, segment_ids, token_mask)
             if load is not None:
                 loads.append(load)
         hidden = self.norm_f(h)
@@ -109,6 +122,17 @@ class NemotronH(nnx.Module):
         return ModelOutput(self.logits(hidden) if compute_logits else None, hidden, expert_load)
 
     def logits(self, hidden: Float[Array, "... D"]) -> Float[Array, "... V"]:
+        return jnp.dot(hidden.astype(self.dtype), self.output_kernel().astype(self.dtype),
+                       preferred_element_type=jnp.float32).astype(self.dtype)
+
+    def output_kernel(self) -> Float[Array, "D V"]:
+        """The lm_head matrix as [D, V] (the embedding's transpose when tied), for chunked losses."""
         if self.lm_head is None:
-            return self.embeddings.attend(hidden)
-        return self.lm_head(hidden)
+            return self.embeddings.embedding[...].T
+        return self.lm_head.kernel[...]
+
+
+def _rematerialized(block: Block, policy, *inputs):
+    """Run a block under jax.checkpoint; blocks are stateless in the forward pass, so a pure split works."""
+    graphdef, state = nnx.split(block)
+    return jax.checkpoint(lambda s, *x: nnx.merge(graphdef, s)(*x), policy=policy)(state, *inputs)

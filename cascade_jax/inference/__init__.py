@@ -1,0 +1,1 @@
+"""Inference: generation from a NemotronH model."""

@@ -1,0 +1,1 @@
+"""Training: typed configs, optimizer, pure train step, checkpoints, metrics, the SFT loop."""

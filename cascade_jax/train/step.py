@@ -1,0 +1,85 @@
+"""Pure train and eval steps: (TrainState, batch) in, (TrainState, metrics) out.
+
+A batch holds `micro_batches` slices ([A, B, T] arrays). Gradients are summed over the slices and
+divided once by the number of loss tokens in the whole batch, so the loss is the token-level NLL of
+the global batch whatever the accumulation.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from cascade_jax.ops.cross_entropy import cross_entropy_sum
+from cascade_jax.train.balancing import load_imbalance, updated_expert_bias
+from cascade_jax.train.state import TrainState
+
+
+@dataclasses.dataclass(frozen=True)
+class StepSettings:
+    loss_chunk_size: int = 512
+    bias_update_rate: float = 0.0
+
+
+def _sum_loss(params, expert_bias, graphdef, micro_batch, chunk_size):
+    model = nnx.merge(graphdef, params, expert_bias)
+    out = model(micro_batch["tokens"], segment_ids=micro_batch["segment_ids"], compute_logits=False)
+    hidden = out.hidden_states.reshape(-1, out.hidden_states.shape[-1])
+    total, count = cross_entropy_sum(hidden, model.output_kernel(), micro_batch["targets"].reshape(-1),
+                                     micro_batch["loss_mask"].reshape(-1), chunk_size)
+    return total, (count, out.expert_load)
+
+
+def _accumulate(state: TrainState, graphdef, batch, settings: StepSettings):
+    grad_fn = jax.value_and_grad(_sum_loss, has_aux=True)
+
+    def one(carry, micro_batch):
+        grads, total, count, load = carry
+        (t, (c, l)), g = grad_fn(state.params, state.expert_bias, graphdef, micro_batch, settings.loss_chunk_size)
+        return (jax.tree.map(jnp.add, grads, g), total + t, count + c, load + l), None
+
+    num_moe = sum(1 for _ in jax.tree.leaves(state.expert_bias))
+    num_experts = jax.tree.leaves(state.expert_bias)[0].shape[0] if num_moe else 0
+    init = (jax.tree.map(jnp.zeros_like, state.params), jnp.zeros((), jnp.float32),
+            jnp.zeros((), jnp.float32), jnp.zeros((num_moe, num_experts), jnp.int32))
+    (grads, total, count, load), _ = jax.lax.scan(one, init, batch)
+    return grads, total, count, load
+
+
+def _rebalanced(expert_bias, load, rate):
+    if rate == 0.0 or load.shape[0] == 0:
+        return expert_bias
+    # expert_load rows follow the MoE layers in depth order.
+    layer_of = lambda path: next(k.key for k in path if isinstance(getattr(k, "key", None), int))  # noqa: E731
+    layers = sorted(layer_of(path) for path, _ in jax.tree_util.tree_leaves_with_path(expert_bias))
+    row = {layer: i for i, layer in enumerate(layers)}
+    return jax.tree_util.tree_map_with_path(
+        lambda path, bias: updated_expert_bias(bias, load[row[layer_of(path)]], rate), expert_bias)
+
+
+@partial(jax.jit, static_argnames=("graphdef", "tx", "settings"), donate_argnames=("state",))
+def train_step(state: TrainState, batch: dict, *, graphdef, tx: optax.GradientTransformation,
+               settings: StepSettings) -> tuple[TrainState, dict]:
+    grads, total, count, load = _accumulate(state, graphdef, batch, settings)
+    count = jnp.maximum(count, 1.0)
+    grads = jax.tree.map(lambda g: g / count, grads)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    new_state = TrainState(params=params, expert_bias=_rebalanced(state.expert_bias, load, settings.bias_update_rate),
+                           opt_state=opt_state, step=state.step + 1, rng=state.rng)
+    metrics = {"loss": total / count, "grad_norm": optax.tree.norm(grads), "loss_tokens": count,
+               "expert_imbalance": load_imbalance(load) if load.shape[0] else jnp.float32(1.0),
+               "dropped_tokens": jnp.int32(0)}   # dispatch is dropless
+    return new_state, metrics
+
+
+@partial(jax.jit, static_argnames=("graphdef", "chunk_size"))
+def eval_loss_sums(params, expert_bias, batch: dict, *, graphdef, chunk_size: int = 512):
+    """(Σ NLL, token count) of one [B, T] batch; sum these over an eval set and divide once."""
+    total, (count, _) = _sum_loss(params, expert_bias, graphdef, batch, chunk_size)
+    return total, count
