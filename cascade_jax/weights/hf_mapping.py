@@ -113,3 +113,31 @@ def to_hf(rule: TensorRule, array: np.ndarray) -> list[np.ndarray]:
 def hf_shapes(rule: TensorRule, jax_shape: tuple[int, ...]) -> list[tuple[int, ...]]:
     """Shapes the checkpoint must hold for a parameter of `jax_shape`."""
     return [a.shape for a in to_hf(rule, np.broadcast_to(np.int8(0), jax_shape))]  # a view: no memory
+
+
+def hf_row_axis(rule: TensorRule) -> int:
+    """Which axis of our array runs along the checkpoint tensor's rows (its leading axis).
+
+    Reading a block of HF rows is one contiguous read, so streaming and per-device loading split our
+    arrays along this axis (for experts: along E, one HF tensor per expert).
+    """
+    return 1 if rule.transform in ("linear", "conv") else 0
+
+
+def read_jax_block(rule: TensorRule, read_rows, jax_shape: tuple[int, ...], index: tuple[slice, ...]) -> np.ndarray:
+    """Our array's block `index`, reading only the checkpoint rows it needs.
+
+    `read_rows(name, start, stop)` returns rows [start, stop) of checkpoint tensor `name`.
+    """
+    bounds = [s.indices(n)[:2] for s, n in zip(index, jax_shape)]
+    if rule.transform == "experts":
+        (e0, e1), rest = bounds[0], tuple(slice(a, b) for a, b in bounds[1:])
+        experts = [read_rows(name, 0, jax_shape[2]).T[rest] for name in rule.hf_names[e0:e1]]
+        return np.stack(experts) if experts else np.empty((0,) + tuple(b - a for a, b in bounds[1:]))
+    if not jax_shape:
+        return to_jax(rule, [read_rows(rule.hf_names[0], 0, 1)])
+    axis = hf_row_axis(rule)
+    start, stop = bounds[axis]
+    block = to_jax(rule, [read_rows(rule.hf_names[0], start, stop)])
+    rest = tuple(slice(None) if i == axis else slice(a, b) for i, (a, b) in enumerate(bounds))
+    return block[rest]

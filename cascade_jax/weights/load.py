@@ -1,4 +1,4 @@
-"""load_pretrained: an HF NemotronH directory → a NemotronH module with the checkpoint's weights."""
+"""load_pretrained: an HF NemotronH directory or a converted Orbax checkpoint → a NemotronH module."""
 
 from __future__ import annotations
 
@@ -11,49 +11,68 @@ from flax import nnx
 
 from cascade_jax.config import ModelConfig
 from cascade_jax.model.nemotron_h import Backends, NemotronH
-from cascade_jax.weights.hf_mapping import hf_rules, hf_shapes, to_jax
-from cascade_jax.weights.safetensors_dir import CheckpointError, SafetensorsDir
+from cascade_jax.weights import orbax_params
+from cascade_jax.weights.hf_mapping import hf_rules, read_jax_block
+from cascade_jax.weights.placement import param_sharding
+from cascade_jax.weights.safetensors_dir import DTYPES, CheckpointError, SafetensorsDir
+from cascade_jax.weights.validate import abstract_state, check_names, check_shapes
 
 
 def load_pretrained(path: str | os.PathLike, *, dtype=jnp.float32, param_dtype=None,
-                    backends: Backends = Backends(), strict: bool = True) -> NemotronH:
-    """Load an HF directory (config.json + safetensors, original `backbone.*` names).
+                    backends: Backends = Backends(), strict: bool = True,
+                    mesh: jax.sharding.Mesh | None = None, partition=None) -> NemotronH:
+    """Load an HF directory (config.json + safetensors, original `backbone.*` names) or an Orbax
+    checkpoint written by `python -m tools.convert_hf to-jax` (or a trainer; see `orbax_params`).
 
     `param_dtype=None` keeps the checkpoint's dtype (A_log, D and the router bias stay fp32 in any case).
-    With `strict`, checkpoint tensors the model does not use are an error (`mtp.*` is always ignored).
+    With `strict`, HF tensors the model does not use are an error (`mtp.*` is always ignored).
+    With `mesh`, each parameter is placed straight into its NamedSharding and each device reads only
+    its own rows (HF) or slices (Orbax); `partition` chooses the specs (see `placement`; default replicated).
     """
     path = os.fspath(path)
-    if not os.path.isfile(os.path.join(path, "config.json")):
-        raise CheckpointError(f"{path}: not an HF model directory (no config.json)")
+    if os.path.isfile(os.path.join(path, "config.json")):
+        return _load_hf(path, dtype, param_dtype, backends, strict, mesh, partition)
+    if orbax_params.is_orbax_dir(path):
+        return _load_orbax(path, dtype, param_dtype, backends, mesh, partition)
+    raise CheckpointError(f"{path}: not an HF model directory (no config.json) nor an Orbax checkpoint")
+
+
+def _load_hf(path, dtype, param_dtype, backends, strict, mesh, partition) -> NemotronH:
     config = ModelConfig.from_hf(path)
     with SafetensorsDir(path) as checkpoint:
         rules = hf_rules(config)
+        check_names(checkpoint, rules, strict)
         if param_dtype is None:
-            param_dtype = jnp.dtype(checkpoint.get("backbone.embeddings.weight").dtype)
-        abstract = nnx.eval_shape(lambda: NemotronH(config, rngs=nnx.Rngs(0), dtype=dtype,
-                                                    param_dtype=param_dtype, backends=backends))
-        graphdef, state = nnx.split(abstract)
-        flat = dict(nnx.to_flat_state(state))
-        _check_names(checkpoint, rules, strict)
+            param_dtype = DTYPES[checkpoint.dtype("backbone.embeddings.weight")]
+        graphdef, flat = abstract_state(config, param_dtype, dtype=dtype, backends=backends)
+        check_shapes(checkpoint, rules, flat)
         for rule in rules:
             target = flat[rule.path]
-            expected = hf_shapes(rule, target.shape)
-            for name, shape in zip(rule.hf_names, expected):
-                if checkpoint.shape(name) != shape:
-                    raise CheckpointError(f"{name}: shape {checkpoint.shape(name)}, expected {shape}")
-            value = to_jax(rule, [checkpoint.get(n) for n in rule.hf_names])
-            target.set_value(jnp.asarray(np.ascontiguousarray(value), dtype=target.dtype))
+            def read_block(index, rule=rule, shape=target.shape, cast=target.dtype):
+                return np.ascontiguousarray(read_jax_block(rule, checkpoint.read_rows, shape, index), dtype=cast)
+
+            sharding = param_sharding(mesh, partition, rule.path, target)
+            target.set_value(jax.make_array_from_callback(target.shape, sharding, read_block))
     return nnx.merge(graphdef, nnx.from_flat_state(flat))
 
 
-def _check_names(checkpoint: SafetensorsDir, rules, strict: bool) -> None:
-    wanted = {name for rule in rules for name in rule.hf_names}
-    present = {n for n in checkpoint.names() if not n.startswith("mtp.")}
-    missing = sorted(wanted - present)
-    if missing:
-        raise CheckpointError(f"{checkpoint.directory}: missing tensor {missing[0]}"
-                              + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
-    unexpected = sorted(present - wanted)
-    if strict and unexpected:
-        raise CheckpointError(f"{checkpoint.directory}: unexpected tensor {unexpected[0]}"
-                              + (f" (and {len(unexpected) - 1} more)" if len(unexpected) > 1 else ""))
+def _load_orbax(path, dtype, param_dtype, backends, mesh, partition) -> NemotronH:
+    record = orbax_params.read_config(path)
+    config = record["model_config"]
+    source = orbax_params.ParamsSource(path)
+    graphdef, flat = abstract_state(config, param_dtype or np.dtype(record.get("dtype", "float32")),
+                                    dtype=dtype, backends=backends)
+    abstract = {}
+    for param_path, target in flat.items():
+        key = orbax_params.tree_key(param_path)
+        if key not in source.leaves:
+            raise CheckpointError(f"{path}: missing parameter {'/'.join(key)}")
+        shape, stored_dtype = source.leaves[key]
+        if shape != tuple(target.shape):
+            raise CheckpointError(f"{path}: parameter {'/'.join(key)} has shape {shape}, expected {tuple(target.shape)}")
+        abstract[key] = jax.ShapeDtypeStruct(shape, stored_dtype,
+                                             sharding=param_sharding(mesh, partition, param_path, target))
+    restored = source.restore(abstract)
+    for param_path, target in flat.items():
+        target.set_value(restored[orbax_params.tree_key(param_path)].astype(target.dtype))
+    return nnx.merge(graphdef, nnx.from_flat_state(flat))

@@ -1,0 +1,71 @@
+"""What every conversion shares: an output directory that appears whole or not at all, progress, summary."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from tqdm import tqdm
+
+from cascade_jax.weights.safetensors_dir import CheckpointError
+
+
+@contextlib.contextmanager
+def staged_directory(out_dir, overwrite: bool):
+    """Yield a temporary directory beside `out_dir`; it becomes `out_dir` only if the block succeeds.
+
+    Same parent, so the final step is a rename (atomic on one file system), and a failure leaves nothing.
+    """
+    out = Path(out_dir).absolute()
+    if out.exists() and not overwrite:
+        raise CheckpointError(f"{out}: already exists (pass --overwrite to replace it)")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        yield staging
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    if out.exists():   # --overwrite: swap, then remove the old one
+        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+        out.rename(old / "previous")
+        staging.rename(out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        staging.rename(out)
+
+
+@dataclasses.dataclass
+class Progress:
+    """tqdm bar over bytes (tensors in the postfix) and the totals for the summary line."""
+
+    label: str
+    total_tensors: int
+    total_bytes: int
+    show: bool = True
+
+    def __post_init__(self):
+        self.tensors, self.bytes, self.start = 0, 0, time.perf_counter()
+        self._bar = tqdm(total=self.total_bytes, unit="B", unit_scale=True, desc=self.label,
+                         disable=not self.show, file=sys.stderr, dynamic_ncols=True)
+
+    def advance(self, tensors: int, nbytes: int) -> None:
+        self.tensors += tensors
+        self.bytes += nbytes
+        self._bar.update(nbytes)
+        self._bar.set_postfix_str(f"{self.tensors}/{self.total_tensors} tensors", refresh=False)
+
+    def close(self) -> None:
+        self._bar.close()
+
+    def summary(self, destination) -> str:
+        self.close()
+        seconds = time.perf_counter() - self.start
+        size = f"{self.bytes / 1e9:.2f} GB" if self.bytes >= 1e8 else f"{self.bytes / 1e6:.2f} MB"
+        return (f"{self.label}: {self.tensors} tensors, {size} in {seconds:.1f} s "
+                f"({self.bytes / 1e9 / max(seconds, 1e-9):.2f} GB/s) -> {destination}")
