@@ -8,7 +8,7 @@ from jaxtyping import Array, Float, Int
 
 from cascade_jax.config import ModelConfig
 from cascade_jax.model.layers import Linear
-from cascade_jax.ops.attention import attention, attention_mask
+from cascade_jax.ops.attention import attention
 
 
 class AttentionMixer(nnx.Module):
@@ -33,7 +33,5 @@ class AttentionMixer(nnx.Module):
         v = self.v_proj(u).reshape(batch, length, c.num_key_value_heads, c.head_dim)
         if segment_ids is None:
             segment_ids = jnp.zeros((batch, length), jnp.int32)
-        index = jnp.broadcast_to(jnp.arange(length), (batch, length))
-        mask = attention_mask(segment_ids, segment_ids, index, index)
-        out = attention(q, k, v, mask, backend=self.backend)
+        out = attention(q, k, v, segment_ids, backend=self.backend)
         return self.o_proj(out.reshape(batch, length, -1))

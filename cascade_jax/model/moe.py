@@ -12,6 +12,7 @@ from cascade_jax.config import ModelConfig
 from cascade_jax.model.layers import ExpertBias, Linear, normal_param, relu_squared
 from cascade_jax.model.mlp import MLP
 from cascade_jax.ops.grouped_matmul import grouped_matmul
+from cascade_jax.parallel.experts import expert_parallel
 
 
 def route(
@@ -63,6 +64,33 @@ def dropless_experts(
     return weighted.sum(axis=1).astype(x.dtype)
 
 
+def _expert_ffn(rows, group_sizes, up, down, backend):
+    """relu² experts on rows already sorted by (local) expert; rows past Σ group_sizes give 0."""
+    hidden = relu_squared(grouped_matmul(rows, up, group_sizes, backend))
+    return grouped_matmul(hidden, down, group_sizes, backend)
+
+
+def routed_experts(
+    x: Float[Array, "N D"],
+    weights: Float[Array, "N k"],
+    indices: Int[Array, "N k"],
+    up: Float[Array, "E D F"],
+    down: Float[Array, "E F D"],
+    backend: str = "xla",
+    dispatch: str = "local",
+    capacity_factor: float | None = None,
+) -> tuple[Float[Array, "N D"], Int[Array, ""]]:
+    """(routed-expert output, dropped assignments). `dispatch` picks how tokens reach experts: "local"
+    (one program, `dropless_experts`) or an expert-parallel strategy of `cascade_jax.parallel.experts`
+    run under the context mesh; the math is the same, only drops under a capacity factor differ."""
+    if dispatch == "local":
+        return dropless_experts(x, weights, indices, up, down, backend), jnp.zeros((), jnp.int32)
+    ffn = lambda rows, sizes, u, d: _expert_ffn(rows, sizes, u, d, backend)  # noqa: E731
+    out, dropped = expert_parallel(x, weights, indices, up, down, ffn, strategy=dispatch,
+                                   capacity_factor=capacity_factor)
+    return out.astype(x.dtype), dropped
+
+
 def experts_reference(x, weights, indices, up, down):
     """Every expert on every token, masked by the routing (slow, obviously right)."""
     out = jnp.zeros(x.shape, jnp.float32)
@@ -75,9 +103,10 @@ def experts_reference(x, weights, indices, up, down):
 
 class MoEMixer(nnx.Module):
     def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs, dtype=jnp.float32, param_dtype=jnp.float32,
-                 backend: str = "xla"):
+                 backend: str = "xla", dispatch: str = "local", capacity_factor: float | None = None):
         c = config
         self.config, self.dtype, self.backend = c, dtype, backend
+        self.dispatch, self.capacity_factor = dispatch, capacity_factor
         e, d, f = c.n_routed_experts, c.hidden_size, c.moe_intermediate_size
         self.router = Linear(d, e, ("embed", None), rngs=rngs, std=c.initializer_range,
                              dtype=jnp.float32, param_dtype=param_dtype)
@@ -90,14 +119,21 @@ class MoEMixer(nnx.Module):
     def __call__(self, u: Float[Array, "B T D"], token_mask: Bool[Array, "B T"] | None = None
                  ) -> tuple[Float[Array, "B T D"], Int[Array, "E"]]:
         """Returns the mixer output and tokens-per-expert (counting only `token_mask` tokens)."""
+        out, load, _ = self.forward_with_stats(u, token_mask)
+        return out, load
+
+    def forward_with_stats(self, u: Float[Array, "B T D"], token_mask: Bool[Array, "B T"] | None = None
+                           ) -> tuple[Float[Array, "B T D"], Int[Array, "E"], Int[Array, ""]]:
+        """(output, tokens per expert, (token, expert) assignments dropped by a dispatch capacity)."""
         c = self.config
         tokens = u.reshape(-1, u.shape[-1])
         weights, indices = route(self.router(tokens), self.correction_bias[...], c.num_experts_per_tok,
                                  c.n_group, c.topk_group, c.routed_scaling_factor, c.norm_topk_prob)
-        out = dropless_experts(tokens.astype(self.dtype), weights, indices, self.up_proj[...].astype(self.dtype),
-                               self.down_proj[...].astype(self.dtype), self.backend)
+        out, dropped = routed_experts(tokens.astype(self.dtype), weights, indices,
+                                      self.up_proj[...].astype(self.dtype), self.down_proj[...].astype(self.dtype),
+                                      self.backend, self.dispatch, self.capacity_factor)
         if self.shared_experts is not None:
             out = out + self.shared_experts(tokens)
         counted = jnp.ones(indices.shape[0], jnp.int32) if token_mask is None else token_mask.reshape(-1)
         load = jnp.zeros((c.n_routed_experts,), jnp.int32).at[indices].add(counted[:, None].astype(jnp.int32))
-        return out.reshape(u.shape).astype(self.dtype), load
+        return out.reshape(u.shape).astype(self.dtype), load, dropped

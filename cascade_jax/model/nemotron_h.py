@@ -15,6 +15,8 @@ from cascade_jax.model.layers import Linear, RMSNorm
 from cascade_jax.model.mamba2 import Mamba2Mixer
 from cascade_jax.model.mlp import MLP
 from cascade_jax.model.moe import MoEMixer
+from cascade_jax.parallel.experts import STRATEGIES
+from cascade_jax.parallel.rules import constrain
 
 
 @dataclasses.dataclass(frozen=True)
@@ -23,7 +25,15 @@ class Backends:
 
     attention: str = "xla"
     grouped_matmul: str = "xla"
+    moe_dispatch: str = "local"                 # local | allgather | all_to_all | ragged_all_to_all
+    moe_capacity_factor: float | None = None    # all_to_all only; None = dropless buffer
 
+    def __post_init__(self):
+        if self.moe_dispatch not in STRATEGIES:
+            raise ValueError(f"moe_dispatch {self.moe_dispatch!r}: expected one of {list(STRATEGIES)}")
+
+
+ACTIVATION_AXES = ("batch", "length", "act_embed")
 
 REMAT_POLICIES = {
     "none": None,
@@ -38,6 +48,7 @@ class ModelOutput:
     logits: Float[Array, "B T V"] | None
     hidden_states: Float[Array, "B T D"]   # after norm_f: the input of lm_head
     expert_load: Int[Array, "L_moe E"]     # tokens routed to each expert, per MoE layer
+    dropped_tokens: Int[Array, ""] | None = None   # (token, expert) pairs past a dispatch capacity, all layers
 
 
 class Block(nnx.Module):
@@ -51,24 +62,26 @@ class Block(nnx.Module):
         if letter == "M":
             self.mixer = Mamba2Mixer(config, **kw)
         elif letter == "E":
-            self.mixer = MoEMixer(config, backend=backends.grouped_matmul, **kw)
+            self.mixer = MoEMixer(config, backend=backends.grouped_matmul, dispatch=backends.moe_dispatch,
+                                  capacity_factor=backends.moe_capacity_factor, **kw)
         elif letter == "*":
             self.mixer = AttentionMixer(config, backend=backends.attention, **kw)
         else:
             self.mixer = MLP(config, config.intermediate_size, **kw)
 
     def __call__(self, h, segment_ids, token_mask):
-        u = self.norm(h)
-        load = None
+        # Pinned (under a mesh) so GSPMD gathers FSDP weights instead of resharding tokens by hidden size.
+        u = constrain(self.norm(constrain(h, ACTIVATION_AXES)), ACTIVATION_AXES)
+        stats = None   # MoE only: (tokens per expert, dropped assignments)
         if self.letter == "M":
             out = self.mixer(u, segment_ids)
         elif self.letter == "E":
-            out, load = self.mixer(u, token_mask)
+            out, *stats = self.mixer.forward_with_stats(u, token_mask)
         elif self.letter == "*":
             out = self.mixer(u, segment_ids)
         else:
             out = self.mixer(u)
-        return h + out.astype(h.dtype), load
+        return h + constrain(out.astype(h.dtype), ACTIVATION_AXES), stats
 
 
 class NemotronH(nnx.Module):
@@ -107,23 +120,26 @@ class NemotronH(nnx.Module):
         With `compute_logits=False` only the final hidden states are returned, so a chunked loss can
         apply lm_head without ever building [tokens, vocab].
         """
-        h = self.embeddings(input_ids).astype(self.dtype)
+        h = constrain(self.embeddings(input_ids).astype(self.dtype), ACTIVATION_AXES)
         token_mask = None if segment_ids is None else segment_ids > 0
-        loads = []
+        loads, dropped = [], jnp.zeros((), jnp.int32)
         for block in self.layers:
             if self.remat == "none":
-                h, load = block(h, segment_ids, token_mask)
+                h, stats = block(h, segment_ids, token_mask)
             else:
-                h, load = _rematerialized(block, REMAT_POLICIES[self.remat], h, segment_ids, token_mask)
-            if load is not None:
-                loads.append(load)
+                h, stats = _rematerialized(block, REMAT_POLICIES[self.remat], h, segment_ids, token_mask)
+            h = constrain(h, ACTIVATION_AXES)   # residual stream: rows over the batch axes, whole on tensor ranks
+            if stats is not None:
+                loads.append(stats[0])
+                dropped = dropped + stats[1]
         hidden = self.norm_f(h)
         expert_load = jnp.stack(loads) if loads else jnp.zeros((0, self.config.n_routed_experts), jnp.int32)
-        return ModelOutput(self.logits(hidden) if compute_logits else None, hidden, expert_load)
+        return ModelOutput(self.logits(hidden) if compute_logits else None, hidden, expert_load, dropped)
 
     def logits(self, hidden: Float[Array, "... D"]) -> Float[Array, "... V"]:
-        return jnp.dot(hidden.astype(self.dtype), self.output_kernel().astype(self.dtype),
-                       preferred_element_type=jnp.float32).astype(self.dtype)
+        flat = hidden.reshape(-1, hidden.shape[-1]).astype(self.dtype)
+        logits = jnp.dot(flat, self.output_kernel().astype(self.dtype), preferred_element_type=jnp.float32)
+        return logits.reshape(*hidden.shape[:-1], -1).astype(self.dtype)
 
     def output_kernel(self) -> Float[Array, "D V"]:
         """The lm_head matrix as [D, V] (the embedding's transpose when tied), for chunked losses."""

@@ -1,7 +1,8 @@
 """Grouped-query causal attention with document (segment) masking; no positional encoding.
 
 Backends sit behind `attention(...)` so a fused kernel (cuDNN, tokamax) can replace the XLA one
-without touching the model. Softmax runs in fp32 in every backend.
+without touching the model. Softmax runs in fp32 in every backend. Masks are built per query block
+from segment ids, so nothing of size [T, T] exists beyond one block's scores.
 """
 
 from __future__ import annotations
@@ -11,6 +12,9 @@ import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float, Int
 
 _MASKED = -0.7 * float(jnp.finfo(jnp.float32).max)
+# Up to this many query blocks are unrolled, each reading only the keys up to its end (causal skipping);
+# longer inputs loop over blocks with lax.map and read all keys (bounded memory, no skipping).
+_MAX_UNROLLED_BLOCKS = 16
 
 
 def attention_mask(
@@ -24,15 +28,41 @@ def attention_mask(
     return same_doc & (kv_positions[:, None, :] <= q_positions[:, :, None])
 
 
-def _xla_attention(q, k, v, mask, scale):
+def _dense(q, k, v, mask, scale):
+    """One block of queries against its keys, batch and head axes first (plain batched matmuls)."""
     batch, length, heads, head_dim = q.shape
     kv_heads = k.shape[2]
-    q = q.reshape(batch, length, kv_heads, heads // kv_heads, head_dim)
-    logits = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32) * scale
+    q = q.reshape(batch, length, kv_heads, heads // kv_heads, head_dim).transpose(0, 2, 3, 1, 4)
+    k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)                  # [B, K, S, P]
+    logits = jnp.einsum("bkgtd,bksd->bkgts", q, k, preferred_element_type=jnp.float32) * scale
     logits = jnp.where(mask[:, None, None], logits, _MASKED)
     probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-    out = jnp.einsum("bkgts,bskd->btkgd", probs, v, preferred_element_type=jnp.float32)
-    return out.reshape(batch, length, heads, head_dim).astype(q.dtype)
+    out = jnp.einsum("bkgts,bksd->bkgtd", probs, v, preferred_element_type=jnp.float32)
+    return out.transpose(0, 3, 1, 2, 4).reshape(batch, length, heads, head_dim).astype(q.dtype)
+
+
+def _xla_attention(q, k, v, segment_ids, scale, block_size):
+    length = q.shape[1]
+    index = jnp.broadcast_to(jnp.arange(length), segment_ids.shape)
+    blocks = -(-length // block_size)
+    if blocks <= _MAX_UNROLLED_BLOCKS:
+        outputs = []
+        for start in range(0, length, block_size):
+            end = min(length, start + block_size)
+            mask = attention_mask(segment_ids[:, start:end], segment_ids[:, :end], index[:, start:end], index[:, :end])
+            outputs.append(_dense(q[:, start:end], k[:, :end], v[:, :end], mask, scale))
+        return jnp.concatenate(outputs, axis=1)
+    pad = blocks * block_size - length
+    q_blocks = jnp.pad(q, ((0, 0), (0, pad), (0, 0), (0, 0))).reshape(q.shape[0], blocks, block_size, *q.shape[2:])
+    seg_blocks = jnp.pad(segment_ids, ((0, 0), (0, pad)), constant_values=-1).reshape(-1, blocks, block_size)
+    idx_blocks = jnp.pad(index, ((0, 0), (0, pad))).reshape(-1, blocks, block_size)
+
+    def one_block(args):
+        q_b, seg_b, idx_b = args
+        return _dense(q_b, k, v, attention_mask(seg_b, segment_ids, idx_b, index), scale)
+
+    out = jax.lax.map(one_block, (q_blocks.swapaxes(0, 1), seg_blocks.swapaxes(0, 1), idx_blocks.swapaxes(0, 1)))
+    return out.swapaxes(0, 1).reshape(q.shape[0], blocks * block_size, *q.shape[2:])[:, :length]
 
 
 _BACKENDS = {"xla": _xla_attention}
@@ -40,19 +70,20 @@ _BACKENDS = {"xla": _xla_attention}
 
 def attention(
     q: Float[Array, "B T H P"],
-    k: Float[Array, "B S K P"],
-    v: Float[Array, "B S K P"],
-    mask: Bool[Array, "B T S"],
+    k: Float[Array, "B T K P"],
+    v: Float[Array, "B T K P"],
+    segment_ids: Int[Array, "B T"],
     backend: str = "xla",
+    block_size: int = 512,
 ) -> Float[Array, "B T H P"]:
-    """softmax(q kᵀ / √P + mask) v; query head h reads kv head h // (H / K)."""
+    """softmax(q kᵀ / √P + document-causal mask) v; query head h reads kv head h // (H / K)."""
     if backend not in _BACKENDS:
         raise ValueError(f"attention backend {backend!r}: expected one of {sorted(_BACKENDS)}")
-    return _BACKENDS[backend](q, k, v, mask, q.shape[-1] ** -0.5)
+    return _BACKENDS[backend](q, k, v, segment_ids, q.shape[-1] ** -0.5, block_size)
 
 
 def attention_reference(q, k, v, mask):
-    """Per-head loop with kv heads repeated explicitly (slow, obviously right)."""
+    """Per-head loop with kv heads repeated explicitly and an explicit [T, S] mask (slow, obviously right)."""
     heads, kv_heads = q.shape[2], k.shape[2]
     outputs = []
     for h in range(heads):

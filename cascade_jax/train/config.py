@@ -13,6 +13,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from cascade_jax.data.config import ASSETS, DataConfig
+from cascade_jax.parallel.mesh import MeshConfig
 
 # `${bundled:tiny/sft.jsonl}` in a YAML file names a file shipped in cascade_jax/data/assets.
 if not OmegaConf.has_resolver("bundled"):
@@ -31,6 +32,8 @@ class ModelSection:
     remat: str = "none"             # none | full | dots
     attention_backend: str = "xla"
     grouped_matmul_backend: str = "xla"
+    moe_dispatch: str = "local"     # local | allgather | all_to_all | ragged_all_to_all (GPU/TPU); see parallel.experts
+    moe_capacity_factor: float | None = None   # all_to_all only: None = dropless buffer
 
 
 @dataclasses.dataclass
@@ -68,6 +71,7 @@ class TrainSection:
     accuracy_eval_every: int = 0     # >0: greedy answers on held-out tasks, checked by their verifiers
     accuracy_eval_tasks: str | None = None   # JSONL of prompts with `verifier` specs
     accuracy_eval_samples: int = 32
+    accuracy_thinking: bool = False  # prompt in thinking mode (longer answers) or with an empty think block
     accuracy_max_new_tokens: int = 48
     peak_flops_per_device: float | None = None   # for MFU; None: looked up from the device kind
     loss_chunk_size: int = 512
@@ -90,6 +94,7 @@ class SFTConfig:
     moe: MoESection = dataclasses.field(default_factory=MoESection)
     train: TrainSection = dataclasses.field(default_factory=TrainSection)
     checkpoint: CheckpointSection = dataclasses.field(default_factory=CheckpointSection)
+    mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)   # all 1: one device, no mesh
 
 
 class RunConfigError(ValueError):

@@ -52,7 +52,7 @@ class Evaluator:
         if self.loss_data is not None and step % t.eval_every == 0:
             results["eval_loss"] = self.loss(state)
         if self.tasks and step % t.accuracy_eval_every == 0:
-            results["eval_accuracy"] = self.accuracy(state)
+            results.update(self.accuracy(state))
         if results:
             writer.write(step, results)
         return results
@@ -70,10 +70,13 @@ class Evaluator:
             total, count = total + float(s), count + float(c)
         return total / max(count, 1.0)
 
-    def accuracy(self, state: TrainState) -> float:
+    def accuracy(self, state: TrainState) -> dict[str, float]:
+        """eval_accuracy: fraction fully solved (reward 1); eval_reward: mean verifier reward (partial credit)."""
         model = nnx.merge(self.graphdef, state.params, state.expert_bias)
-        prompts = [self.tokenizer.encode_prompt(r["messages"], r.get("tools")) for r in self.tasks]
+        prompts = [self.tokenizer.encode_prompt(r["messages"], r.get("tools"),
+                                                enable_thinking=self.cfg.train.accuracy_thinking)
+                   for r in self.tasks]
         answers = greedy_generate(model, prompts, self.cfg.train.accuracy_max_new_tokens, [self.tokenizer.eos_id])
         rewards = [verify(self.tokenizer.decode(a, skip_special_tokens=True), r["verifier"])
                    for a, r in zip(answers, self.tasks)]
-        return float(np.mean(rewards))
+        return {"eval_accuracy": float(np.mean(np.asarray(rewards) >= 1.0)), "eval_reward": float(np.mean(rewards))}

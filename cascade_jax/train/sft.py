@@ -23,12 +23,13 @@ from tqdm import tqdm
 from cascade_jax.config import ModelConfig
 from cascade_jax.data import ChatTokenizer, SFTData
 from cascade_jax.model.nemotron_h import Backends, NemotronH
+from cascade_jax.parallel import initialize_distributed, logical_to_spec, make_mesh, mesh_context, shard_batch
 from cascade_jax.train import evaluation
 from cascade_jax.train.checkpoint import RunCheckpoints
 from cascade_jax.train.config import SFTConfig, to_yaml
 from cascade_jax.train.metrics import MetricsWriter, peak_flops_per_device, train_flops_per_token
 from cascade_jax.train.optimizer import build_optimizer, learning_rate_schedule
-from cascade_jax.train.state import init_train_state
+from cascade_jax.train.state import init_sharded_train_state, init_train_state, shard_train_state
 from cascade_jax.train.step import StepSettings, train_step
 from cascade_jax.weights.load import load_pretrained
 
@@ -39,12 +40,16 @@ class TrainingDiverged(RuntimeError):
     """The loss or gradient became NaN/inf; the last good checkpoint is kept."""
 
 
-def build_model(cfg: SFTConfig, seed: int) -> NemotronH:
+def build_model(cfg: SFTConfig, seed: int, mesh: jax.sharding.Mesh | None = None) -> NemotronH:
+    """With `mesh`, pretrained weights are read straight into their rule shardings."""
     m = cfg.model
-    backends = Backends(attention=m.attention_backend, grouped_matmul=m.grouped_matmul_backend)
+    backends = Backends(attention=m.attention_backend, grouped_matmul=m.grouped_matmul_backend,
+                        moe_dispatch=m.moe_dispatch, moe_capacity_factor=m.moe_capacity_factor)
     kwargs = dict(dtype=jnp.dtype(m.dtype), backends=backends)
     if m.from_pretrained:
-        model = load_pretrained(m.from_pretrained, param_dtype=jnp.dtype(m.param_dtype), **kwargs)
+        placement = {} if mesh is None else dict(
+            mesh=mesh, partition=lambda _, v: logical_to_spec(v.logical_axes, v.shape, dict(mesh.shape)))
+        model = load_pretrained(m.from_pretrained, param_dtype=jnp.dtype(m.param_dtype), **kwargs, **placement)
         model.remat = m.remat
         return model
     config = ModelConfig.preset(m.preset).replace(**m.overrides)
@@ -86,18 +91,44 @@ def _document_tokens(segment_ids: np.ndarray) -> tuple[int, int]:
     return tokens, squares
 
 
+def _initial_state(cfg: SFTConfig, tx, mesh):
+    """(graphdef, TrainState, ModelConfig): on one device as before, or created already sharded."""
+    seed = cfg.train.seed
+    if mesh is None:
+        model = build_model(cfg, seed)
+        return (*init_train_state(model, tx, seed), model.config)
+    if cfg.model.from_pretrained:
+        model = build_model(cfg, seed, mesh)
+        return (*shard_train_state(model, tx, seed, mesh), model.config)
+    graphdef, state = init_sharded_train_state(lambda: build_model(cfg, seed), tx, seed, mesh)
+    return graphdef, state, nnx.merge(graphdef, state.params, state.expert_bias).config
+
+
 def run_sft(cfg: SFTConfig) -> dict:
-    """Train; returns the last logged metrics. Raises TrainingDiverged on a non-finite loss."""
+    """Train; returns the last logged metrics. Raises TrainingDiverged on a non-finite loss.
+
+    With `mesh` sizes other than all-1 the state is sharded over a device mesh (joining a multi-host job
+    first when the environment describes one; see `cascade_jax.parallel.distributed`)."""
+    mesh = None
+    if not cfg.mesh.is_single_device():
+        initialize_distributed()
+        mesh = make_mesh(cfg.mesh)
+    with mesh_context(mesh):
+        return _run(cfg, mesh)
+
+
+def _run(cfg: SFTConfig, mesh) -> dict:
     t = cfg.train
     os.makedirs(cfg.run_dir, exist_ok=True)
-    with open(os.path.join(cfg.run_dir, "config.yaml"), "w") as f:
-        f.write(to_yaml(cfg))
-    model = build_model(cfg, t.seed)
-    with open(os.path.join(cfg.run_dir, "model_config.json"), "w") as f:
-        json.dump(model.config.to_hf(), f, indent=2)
+    if jax.process_index() == 0:
+        with open(os.path.join(cfg.run_dir, "config.yaml"), "w") as f:
+            f.write(to_yaml(cfg))
     tx = build_optimizer(cfg.optimizer, t.steps)
     schedule = learning_rate_schedule(cfg.optimizer, t.steps)
-    graphdef, state = init_train_state(model, tx, t.seed)
+    graphdef, state, model_config = _initial_state(cfg, tx, mesh)
+    if jax.process_index() == 0:
+        with open(os.path.join(cfg.run_dir, "model_config.json"), "w") as f:
+            json.dump(model_config.to_hf(), f, indent=2)
     settings = StepSettings(loss_chunk_size=t.loss_chunk_size, bias_update_rate=cfg.moe.bias_update_rate)
 
     data = SFTData(cfg.data)
@@ -124,7 +155,8 @@ def run_sft(cfg: SFTConfig) -> dict:
             for step in range(start + 1, t.steps + 1):
                 batch = _next_batch(iterator, t.micro_batches)
                 data_state = iterator.get_state()
-                state, metrics = train_step(state, batch, graphdef=graphdef, tx=tx, settings=settings)
+                placed = batch if mesh is None else shard_batch(batch, mesh)
+                state, metrics = train_step(state, placed, graphdef=graphdef, tx=tx, settings=settings)
                 metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
                 if not (math.isfinite(metrics["loss"]) and math.isfinite(metrics["grad_norm"])):
                     raise TrainingDiverged(
@@ -132,7 +164,7 @@ def run_sft(cfg: SFTConfig) -> dict:
                         f"the last good checkpoint at step {max(checkpoints.steps(), default=0)}")
                 tokens, squares = _document_tokens(batch["segment_ids"])
                 window_tokens += tokens
-                window_flops += train_flops_per_token(model.config, squares / max(tokens, 1)) * tokens
+                window_flops += train_flops_per_token(model_config, squares / max(tokens, 1)) * tokens
                 if step % t.log_every == 0 or step == t.steps or stop.signal:
                     elapsed = time.perf_counter() - window_start
                     metrics.update(lr=float(schedule(step - 1)), tokens_per_s=window_tokens / elapsed)

@@ -16,6 +16,7 @@ import optax
 from flax import nnx
 
 from cascade_jax.ops.cross_entropy import cross_entropy_sum
+from cascade_jax.parallel.sharding import constrain_tree
 from cascade_jax.train.balancing import load_imbalance, updated_expert_bias
 from cascade_jax.train.state import TrainState
 
@@ -32,23 +33,23 @@ def _sum_loss(params, expert_bias, graphdef, micro_batch, chunk_size):
     hidden = out.hidden_states.reshape(-1, out.hidden_states.shape[-1])
     total, count = cross_entropy_sum(hidden, model.output_kernel(), micro_batch["targets"].reshape(-1),
                                      micro_batch["loss_mask"].reshape(-1), chunk_size)
-    return total, (count, out.expert_load)
+    return total, (count, out.expert_load, out.dropped_tokens)
 
 
 def _accumulate(state: TrainState, graphdef, batch, settings: StepSettings):
     grad_fn = jax.value_and_grad(_sum_loss, has_aux=True)
 
     def one(carry, micro_batch):
-        grads, total, count, load = carry
-        (t, (c, l)), g = grad_fn(state.params, state.expert_bias, graphdef, micro_batch, settings.loss_chunk_size)
-        return (jax.tree.map(jnp.add, grads, g), total + t, count + c, load + l), None
+        grads, total, count, load, dropped = carry
+        (t, (c, l, d)), g = grad_fn(state.params, state.expert_bias, graphdef, micro_batch, settings.loss_chunk_size)
+        return (jax.tree.map(jnp.add, grads, g), total + t, count + c, load + l, dropped + d), None
 
     num_moe = sum(1 for _ in jax.tree.leaves(state.expert_bias))
     num_experts = jax.tree.leaves(state.expert_bias)[0].shape[0] if num_moe else 0
     init = (jax.tree.map(jnp.zeros_like, state.params), jnp.zeros((), jnp.float32),
-            jnp.zeros((), jnp.float32), jnp.zeros((num_moe, num_experts), jnp.int32))
-    (grads, total, count, load), _ = jax.lax.scan(one, init, batch)
-    return grads, total, count, load
+            jnp.zeros((), jnp.float32), jnp.zeros((num_moe, num_experts), jnp.int32), jnp.zeros((), jnp.int32))
+    (grads, total, count, load, dropped), _ = jax.lax.scan(one, init, batch)
+    return grads, total, count, load, dropped
 
 
 def _rebalanced(expert_bias, load, rate):
@@ -65,21 +66,22 @@ def _rebalanced(expert_bias, load, rate):
 @partial(jax.jit, static_argnames=("graphdef", "tx", "settings"), donate_argnames=("state",))
 def train_step(state: TrainState, batch: dict, *, graphdef, tx: optax.GradientTransformation,
                settings: StepSettings) -> tuple[TrainState, dict]:
-    grads, total, count, load = _accumulate(state, graphdef, batch, settings)
+    grads, total, count, load, dropped = _accumulate(state, graphdef, batch, settings)
     count = jnp.maximum(count, 1.0)
     grads = jax.tree.map(lambda g: g / count, grads)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     new_state = TrainState(params=params, expert_bias=_rebalanced(state.expert_bias, load, settings.bias_update_rate),
                            opt_state=opt_state, step=state.step + 1, rng=state.rng)
+    new_state = constrain_tree(new_state)   # under a mesh: leave in the shardings we came in with
     metrics = {"loss": total / count, "grad_norm": optax.tree.norm(grads), "loss_tokens": count,
                "expert_imbalance": load_imbalance(load) if load.shape[0] else jnp.float32(1.0),
-               "dropped_tokens": jnp.int32(0)}   # dispatch is dropless
+               "dropped_tokens": dropped}   # (token, expert) pairs past an all_to_all capacity; 0 when dropless
     return new_state, metrics
 
 
 @partial(jax.jit, static_argnames=("graphdef", "chunk_size"))
 def eval_loss_sums(params, expert_bias, batch: dict, *, graphdef, chunk_size: int = 512):
     """(Σ NLL, token count) of one [B, T] batch; sum these over an eval set and divide once."""
-    total, (count, _) = _sum_loss(params, expert_bias, graphdef, batch, chunk_size)
+    total, (count, _, _) = _sum_loss(params, expert_bias, graphdef, batch, chunk_size)
     return total, count

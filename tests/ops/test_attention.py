@@ -7,8 +7,9 @@ import pytest
 from cascade_jax.ops.attention import attention, attention_mask, attention_reference
 
 
-@pytest.mark.parametrize("length, heads, kv_heads", [(1, 2, 1), (13, 4, 2), (32, 6, 3), (20, 4, 4)])
-def test_attention_matches_reference(length, heads, kv_heads):
+@pytest.mark.parametrize("length, heads, kv_heads, block", [
+    (1, 2, 1, 512), (13, 4, 2, 512), (32, 6, 3, 8), (20, 4, 4, 7), (45, 2, 1, 2)])  # 45/2: the lax.map path
+def test_attention_matches_reference(length, heads, kv_heads, block):
     k = jax.random.split(jax.random.key(length), 3)
     q = jax.random.normal(k[0], (2, length, heads, 8))
     kk = jax.random.normal(k[1], (2, length, kv_heads, 8))
@@ -17,7 +18,7 @@ def test_attention_matches_reference(length, heads, kv_heads):
     seg = jnp.array([[1] * length, [1] * cut + [2] * (length - cut)], jnp.int32)
     index = jnp.broadcast_to(jnp.arange(length), (2, length))
     mask = attention_mask(seg, seg, index, index)
-    out = attention(q, kk, v, mask)
+    out = attention(q, kk, v, seg, block_size=block)
     chex.assert_shape(out, q.shape)
     np.testing.assert_allclose(out, attention_reference(q, kk, v, mask), rtol=1e-5, atol=1e-6)
 
@@ -40,4 +41,4 @@ def test_mask_is_block_diagonal_causal():
 def test_unknown_backend_is_a_clear_error():
     q = jnp.zeros((1, 2, 2, 4))
     with pytest.raises(ValueError, match="attention backend 'nope'"):
-        attention(q, q, q, jnp.ones((1, 2, 2), bool), backend="nope")
+        attention(q, q, q, jnp.ones((1, 2), jnp.int32), backend="nope")
