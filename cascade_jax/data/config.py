@@ -47,6 +47,15 @@ def _sources(value: Any) -> list[SourceConfig]:
     return out
 
 
+def _from_dict(cls, d: dict[str, Any], section: str):
+    """Build a config dataclass, naming unknown keys in one line."""
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - known)
+    if unknown:
+        raise ValueError(f"{section}: unknown field(s) {unknown}; known: {sorted(known)}")
+    return cls(**d)
+
+
 def _positive(name: str, value: Any, allow_none: bool = False) -> None:
     if value is None and allow_none:
         return
@@ -108,11 +117,7 @@ class DataConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "DataConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"data: unknown field(s) {unknown}; known: {sorted(known)}")
-        return cls(**d)
+        return _from_dict(cls, d, "data")
 
 
 @dataclasses.dataclass
@@ -145,8 +150,4 @@ class PromptConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "PromptConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"prompts: unknown field(s) {unknown}; known: {sorted(known)}")
-        return cls(**d)
+        return _from_dict(cls, d, "prompts")

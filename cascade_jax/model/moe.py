@@ -57,8 +57,7 @@ def dropless_experts(
     order = jnp.argsort(flat_experts, stable=True)
     group_sizes = jnp.bincount(flat_experts, length=up.shape[0])
     rows = x[order // top_k]                                                  # [N·k, D], grouped by expert
-    hidden = relu_squared(grouped_matmul(rows, up, group_sizes, backend))
-    out = grouped_matmul(hidden, down, group_sizes, backend)                  # [N·k, D]
+    out = _expert_ffn(rows, group_sizes, up, down, backend)                   # [N·k, D]
     unsorted = jnp.zeros_like(out).at[order].set(out)
     weighted = unsorted.reshape(num_tokens, top_k, -1).astype(jnp.float32) * weights[..., None]
     return weighted.sum(axis=1).astype(x.dtype)
