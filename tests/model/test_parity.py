@@ -1,5 +1,7 @@
 """Logits against transformers 5.23.0 NemotronH (fixtures made by tests/reference/make_fixtures.py)."""
 
+import json
+
 import chex
 import jax.numpy as jnp
 import numpy as np
@@ -7,7 +9,7 @@ import pytest
 
 import cascade_jax as cj
 
-CASES = ["mamba_moe_attn", "grouped_routing", "dense_attn_mamba"]
+CASES = ["mamba_moe_attn", "grouped_routing", "dense_attn_mamba", "small_dt"]
 
 
 @pytest.mark.parametrize("name", CASES)
@@ -23,6 +25,14 @@ def test_logits_match_transformers(fixtures_dir, name):
     assert error <= 1e-4 * np.abs(expected).max(), error
     hidden = np.load(directory / "hidden.npy")
     assert np.abs(np.asarray(out.hidden_states) - hidden).max() <= 1e-4 * np.abs(hidden).max()
+
+
+def test_small_dt_fixture_tells_no_clamp_from_the_transformers_clamp(fixtures_dir):
+    """In `small_dt` many steps have softplus(dt + dt_bias) < 1e-3, where transformers would clamp Δ."""
+    meta = json.loads((fixtures_dir / "hf" / "small_dt" / "meta.json").read_text())["diagnostics"]
+    scale = np.abs(np.load(fixtures_dir / "hf" / "small_dt" / "logits.npy")).max()
+    assert meta["min_softplus_dt"] < 1e-3
+    assert meta["max_abs_diff_default_clamp_vs_noclamp"] > 10 * 1e-4 * scale
 
 
 def test_fixtures_cover_the_issue_requirements(fixtures_dir):

@@ -144,6 +144,33 @@ CONFIGS = {
             routed_scaling_factor=1.0,
         ),
     ),
+    "small_dt": dict(
+        seed=1004,
+        batch=2,
+        seq_len=19,
+        dt_bias_shift=-8.0,
+        cfg=dict(
+            hybrid_override_pattern="M*M",
+            vocab_size=128,
+            hidden_size=32,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            head_dim=16,
+            mamba_num_heads=4,
+            mamba_head_dim=8,
+            n_groups=2,
+            ssm_state_size=8,
+            chunk_size=8,
+            intermediate_size=8,
+            n_routed_experts=4,
+            num_experts_per_tok=2,
+            n_group=1,
+            topk_group=1,
+            moe_intermediate_size=8,
+            moe_shared_expert_intermediate_size=8,
+            routed_scaling_factor=1.0,
+        ),
+    ),
 }
 
 
@@ -367,6 +394,10 @@ def build_one(name: str, spec: dict, out_root: Path, write: bool = True) -> dict
     assert cfg.hybrid_override_pattern == spec["cfg"]["hybrid_override_pattern"]
     model = NemotronHForCausalLM(cfg).to(torch.float32).eval()
     randomize_(model, seed)
+    with torch.no_grad():   # a negative shift puts many steps below time_step_min: tells clamp from no clamp
+        for blk in model.model.layers:
+            if blk.block_type == "linear_attention":
+                blk.mixer.dt_bias += spec.get("dt_bias_shift", 0.0)
     n_mamba = patch_time_step_limit(model)
 
     ids = torch.randint(0, cfg.vocab_size, (B, T), generator=torch.Generator().manual_seed(seed + 7))
