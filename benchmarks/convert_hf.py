@@ -14,7 +14,6 @@ and prints each direction's peak RSS and throughput against the raw read (ratio 
 from __future__ import annotations
 
 import argparse
-import os
 import re
 import shutil
 import subprocess

@@ -11,12 +11,19 @@ import jax.numpy as jnp
 from jaxtyping import Array, Float, Int
 
 
-def _with_history(x, segment_ids, state):
-    """Prepend the K-1 carried inputs; they belong to the row's first document."""
-    history = state.shape[1]
+def _with_history(x, width, segment_ids, state):
+    """Prepend the K-1 carried inputs (zeros when none); they belong to the row's first document.
+
+    Returns (inputs with history, their segment ids, the segment ids of the tokens themselves)."""
+    batch, length, channels = x.shape
+    if segment_ids is None:
+        segment_ids = jnp.zeros((batch, length), jnp.int32)
+    if state is None:
+        state = jnp.zeros((batch, width - 1, channels), x.dtype)
+    history = width - 1
     x_full = jnp.concatenate([state.astype(x.dtype), x], axis=1)
     seg_full = jnp.concatenate([jnp.repeat(segment_ids[:, :1], history, axis=1), segment_ids], axis=1)
-    return x_full, seg_full
+    return x_full, seg_full, segment_ids
 
 
 def causal_conv1d(
@@ -29,11 +36,7 @@ def causal_conv1d(
     """Returns the conv output (no activation) and the last K-1 inputs, the state for the next call."""
     batch, length, channels = x.shape
     width = weight.shape[0]
-    if segment_ids is None:
-        segment_ids = jnp.zeros((batch, length), jnp.int32)
-    if state is None:
-        state = jnp.zeros((batch, width - 1, channels), x.dtype)
-    x_full, seg_full = _with_history(x, segment_ids, state)
+    x_full, seg_full, segment_ids = _with_history(x, width, segment_ids, state)
     out = jnp.zeros((batch, length, channels), jnp.promote_types(x.dtype, weight.dtype))
     for k in range(width):
         tap = x_full[:, k:k + length]
@@ -46,13 +49,8 @@ def causal_conv1d(
 
 def causal_conv1d_reference(x, weight, bias=None, segment_ids=None, state=None):
     """Token-by-token loop over explicit windows (slow, obviously right)."""
-    batch, length, channels = x.shape
-    width = weight.shape[0]
-    if segment_ids is None:
-        segment_ids = jnp.zeros((batch, length), jnp.int32)
-    if state is None:
-        state = jnp.zeros((batch, width - 1, channels), x.dtype)
-    x_full, seg_full = _with_history(x, segment_ids, state)
+    length, width = x.shape[1], weight.shape[0]
+    x_full, seg_full, segment_ids = _with_history(x, width, segment_ids, state)
     outputs = []
     for t in range(length):
         window = x_full[:, t:t + width]                              # [B, K, C]; row K-1 is token t

@@ -21,7 +21,7 @@ from flax import nnx
 from tqdm import tqdm
 
 from cascade_jax.config import ModelConfig
-from cascade_jax.data import ChatTokenizer, SFTData
+from cascade_jax.data import SFTData
 from cascade_jax.model.nemotron_h import Backends, NemotronH
 from cascade_jax.parallel import initialize_distributed, logical_to_spec, make_mesh, mesh_context, shard_batch
 from cascade_jax.train import evaluation
