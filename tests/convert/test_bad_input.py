@@ -2,28 +2,14 @@
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 
 import numpy as np
-import pytest
-from safetensors.numpy import load_file, save_file
 
 from tools.convert_hf.__main__ import main
 
 
-@pytest.fixture
-def hf_dir(fixtures_dir, tmp_path):
-    target = tmp_path / "in" / "model"
-    shutil.copytree(fixtures_dir / "hf" / "dense_attn_mamba", target)
-    return target
-
-
-def _rewrite(directory, edit):
-    tensors = load_file(directory / "model.safetensors")
-    edit(tensors)
-    save_file(tensors, directory / "model.safetensors", metadata={"format": "pt"})
 
 
 def _fails(capsys, tmp_path, argv, message):
@@ -38,23 +24,23 @@ def _to_jax(hf_dir, tmp_path):
     return ["to-jax", "--hf", str(hf_dir), "--out", str(tmp_path / "out" / "ckpt")]
 
 
-def test_missing_tensor(capsys, hf_dir, tmp_path):
-    _rewrite(hf_dir, lambda t: t.pop("backbone.layers.2.mixer.D"))
+def test_missing_tensor(capsys, hf_dir, tmp_path, rewrite_checkpoint):
+    rewrite_checkpoint(hf_dir, lambda t: t.pop("backbone.layers.2.mixer.D"))
     _fails(capsys, tmp_path, _to_jax(hf_dir, tmp_path), "missing tensor backbone.layers.2.mixer.D")
 
 
-def test_unexpected_tensor(capsys, hf_dir, tmp_path):
-    _rewrite(hf_dir, lambda t: t.update({"backbone.layers.0.mixer.extra": np.zeros(3, np.float32)}))
+def test_unexpected_tensor(capsys, hf_dir, tmp_path, rewrite_checkpoint):
+    rewrite_checkpoint(hf_dir, lambda t: t.update({"backbone.layers.0.mixer.extra": np.zeros(3, np.float32)}))
     _fails(capsys, tmp_path, _to_jax(hf_dir, tmp_path), "unexpected tensor backbone.layers.0.mixer.extra")
 
 
-def test_wrong_shape(capsys, hf_dir, tmp_path):
-    _rewrite(hf_dir, lambda t: t.update({"backbone.norm_f.weight": np.ones(5, np.float32)}))
+def test_wrong_shape(capsys, hf_dir, tmp_path, rewrite_checkpoint):
+    rewrite_checkpoint(hf_dir, lambda t: t.update({"backbone.norm_f.weight": np.ones(5, np.float32)}))
     _fails(capsys, tmp_path, _to_jax(hf_dir, tmp_path), "backbone.norm_f.weight: shape (5,), expected (32,)")
 
 
-def test_wrong_dtype(capsys, hf_dir, tmp_path):
-    _rewrite(hf_dir, lambda t: t.update({"backbone.layers.2.mixer.A_log": t["backbone.layers.2.mixer.A_log"]
+def test_wrong_dtype(capsys, hf_dir, tmp_path, rewrite_checkpoint):
+    rewrite_checkpoint(hf_dir, lambda t: t.update({"backbone.layers.2.mixer.A_log": t["backbone.layers.2.mixer.A_log"]
                                          .astype(np.float16)}))
     _fails(capsys, tmp_path, _to_jax(hf_dir, tmp_path), "backbone.layers.2.mixer.A_log: dtype F16, expected F32")
 

@@ -1,6 +1,5 @@
 """load_pretrained on good and bad HF directories."""
 
-import shutil
 
 import numpy as np
 import pytest
@@ -9,17 +8,6 @@ from safetensors.numpy import load_file, save_file
 import cascade_jax as cj
 
 
-@pytest.fixture
-def hf_dir(fixtures_dir, tmp_path):
-    target = tmp_path / "model"
-    shutil.copytree(fixtures_dir / "hf" / "dense_attn_mamba", target)
-    return target
-
-
-def _rewrite(directory, edit):
-    tensors = load_file(directory / "model.safetensors")
-    edit(tensors)
-    save_file(tensors, directory / "model.safetensors", metadata={"format": "pt"})
 
 
 def test_sharded_checkpoint_with_index_and_model_prefix(hf_dir):
@@ -40,21 +28,21 @@ def test_sharded_checkpoint_with_index_and_model_prefix(hf_dir):
     assert np.abs(logits - expected).max() <= 1e-4 * np.abs(expected).max()
 
 
-def test_missing_tensor(hf_dir):
-    _rewrite(hf_dir, lambda t: t.pop("backbone.layers.2.mixer.D"))
+def test_missing_tensor(hf_dir, rewrite_checkpoint):
+    rewrite_checkpoint(hf_dir, lambda t: t.pop("backbone.layers.2.mixer.D"))
     with pytest.raises(cj.CheckpointError, match="missing tensor backbone.layers.2.mixer.D"):
         cj.load_pretrained(hf_dir)
 
 
-def test_unexpected_tensor(hf_dir):
-    _rewrite(hf_dir, lambda t: t.update({"backbone.layers.0.mixer.extra": np.zeros(3, np.float32)}))
+def test_unexpected_tensor(hf_dir, rewrite_checkpoint):
+    rewrite_checkpoint(hf_dir, lambda t: t.update({"backbone.layers.0.mixer.extra": np.zeros(3, np.float32)}))
     with pytest.raises(cj.CheckpointError, match="unexpected tensor backbone.layers.0.mixer.extra"):
         cj.load_pretrained(hf_dir)
     assert cj.load_pretrained(hf_dir, strict=False) is not None
 
 
-def test_wrong_shape(hf_dir):
-    _rewrite(hf_dir, lambda t: t.update({"backbone.norm_f.weight": np.ones(5, np.float32)}))
+def test_wrong_shape(hf_dir, rewrite_checkpoint):
+    rewrite_checkpoint(hf_dir, lambda t: t.update({"backbone.norm_f.weight": np.ones(5, np.float32)}))
     with pytest.raises(cj.CheckpointError, match=r"backbone.norm_f.weight: shape \(5,\), expected \(32,\)"):
         cj.load_pretrained(hf_dir)
 
