@@ -23,10 +23,15 @@ STANDIN = "plan_standin"
 
 
 def _standin_grouped_matmul(x, w, group_sizes, preferred_element_type):
-    """Same FLOPs and buffers as a grouped matmul (each row times one [I, O] matrix), without XLA:CPU's
-    dense per-expert expansion of ragged_dot. Only for compiling plans: it ignores the grouping."""
+    """Same FLOPs, buffers and weight gradients as a grouped matmul whose rows are spread evenly over
+    the groups, without XLA:CPU's dense per-expert expansion of ragged_dot. Only for compiling plans:
+    it ignores the actual grouping."""
     del group_sizes
-    return jnp.dot(x, w[0], preferred_element_type=preferred_element_type)
+    rows, groups = x.shape[0], w.shape[0]
+    pad = -rows % groups
+    x = jnp.pad(x, ((0, pad), (0, 0))).reshape(groups, (rows + pad) // groups, x.shape[1])
+    y = jnp.einsum("gri,gio->gro", x, w, preferred_element_type=preferred_element_type)
+    return y.reshape(rows + pad, -1)[:rows]
 
 
 grouped_matmul_ops._BACKENDS.setdefault(STANDIN, _standin_grouped_matmul)

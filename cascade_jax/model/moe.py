@@ -12,7 +12,7 @@ from cascade_jax.config import ModelConfig
 from cascade_jax.model.layers import ExpertBias, Linear, normal_param, relu_squared
 from cascade_jax.model.mlp import MLP
 from cascade_jax.ops.grouped_matmul import grouped_matmul
-from cascade_jax.parallel.experts import expert_parallel
+from cascade_jax.parallel.experts import expert_parallel, unsort
 
 
 def route(
@@ -58,7 +58,7 @@ def dropless_experts(
     group_sizes = jnp.bincount(flat_experts, length=up.shape[0])
     rows = x[order // top_k]                                                  # [N·k, D], grouped by expert
     out = _expert_ffn(rows, group_sizes, up, down, backend)                   # [N·k, D]
-    unsorted = jnp.zeros_like(out).at[order].set(out)
+    unsorted = unsort(out, order)
     weighted = unsorted.reshape(num_tokens, top_k, -1).astype(jnp.float32) * weights[..., None]
     return weighted.sum(axis=1).astype(x.dtype)
 

@@ -2,13 +2,21 @@
 
 Logits exist for one chunk of tokens at a time ([chunk, V] in fp32), in the forward pass and, because
 each chunk is rematerialised, in the backward pass too: memory is O(chunk × V), never O(tokens × V).
+
+Under a mesh the tokens arrive split over the token axes; each step of the loop then takes `chunk_size`
+tokens from every shard at once (a shard-aligned [steps, shards, chunk] layout), so no device waits on
+another's chunk and the loop never reshards, and lm_head is gathered once, in the compute dtype.
 """
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, Int
+
+from cascade_jax.parallel.rules import constrain, logical_to_spec
 
 
 def _chunk_log_probs(hidden, kernel, targets):
@@ -25,15 +33,34 @@ def token_log_probs(
 ) -> Float[Array, "N"]:
     """log softmax(hidden @ kernel)[targets] in fp32, computed `chunk_size` tokens at a time."""
     num_tokens = hidden.shape[0]
-    chunk_size = min(chunk_size, num_tokens)
-    pad = -num_tokens % chunk_size
-    hidden = jnp.pad(hidden, ((0, pad), (0, 0)))
-    targets = jnp.pad(targets, (0, pad))
-    chunks = (num_tokens + pad) // chunk_size
+    shards = _token_shards(num_tokens)
+    local = num_tokens // shards
+    chunk_size = min(chunk_size, local)
+    pad = -local % chunk_size
+    steps = (local + pad) // chunk_size
+    kernel = constrain(kernel.astype(hidden.dtype), (None, "act_vocab"))
     body = jax.checkpoint(lambda h, t: _chunk_log_probs(h, kernel, t))
-    _, out = jax.lax.scan(lambda carry, xs: (carry, body(*xs)), None,
-                          (hidden.reshape(chunks, chunk_size, -1), targets.reshape(chunks, chunk_size)))
-    return out.reshape(-1)[:num_tokens]
+
+    def by_step(x):   # [N, ...] → [steps, shards, chunk, ...], each shard's tokens contiguous
+        x = jnp.pad(x.reshape(shards, local, *x.shape[1:]), ((0, 0), (0, pad)) + ((0, 0),) * (x.ndim - 1))
+        x = jnp.swapaxes(x.reshape(shards, steps, chunk_size, *x.shape[2:]), 0, 1)
+        return constrain(x, (None, "tokens") + (None,) * (x.ndim - 2))
+
+    def step(carry, xs):
+        h, t = xs
+        return carry, body(h.reshape(-1, h.shape[-1]), t.reshape(-1)).reshape(t.shape)
+
+    _, out = jax.lax.scan(step, None, (by_step(hidden), by_step(targets)))
+    return jnp.swapaxes(out, 0, 1).reshape(shards, -1)[:, :local].reshape(-1)
+
+
+def _token_shards(num_tokens: int) -> int:
+    """How many ways the context mesh splits a flat token axis (1 without a mesh)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return 1
+    axes = logical_to_spec(("tokens",), (num_tokens,), dict(mesh.shape))[0] or ()
+    return math.prod(mesh.shape[a] for a in ((axes,) if isinstance(axes, str) else axes))
 
 
 def cross_entropy_sum(

@@ -1,7 +1,10 @@
 """Expert parallelism: the routed-expert FFN under `shard_map`, experts split over the `expert` axis.
 
 Each device holds E/ep experts (and, with `tensor` > 1, a slice of their hidden width F) and the tokens
-of its own batch rows. Strategies differ only in how (token, expert) assignments reach the device that
+of its own batch rows. Expert weights enter in their FSDP storage layout (the hidden size D split over
+the `embed` rule's axes) and are all-gathered inside the shard_map, in the compute dtype they were cast
+to: their gradients then leave through a reduce-scatter, so no device ever holds a full-size fp32 copy
+of a layer's experts or of their gradients. Strategies differ only in how (token, expert) assignments reach the device that
 owns the expert and how results come back:
 
   allgather          all-gather tokens over `expert`, compute the local experts' share for every token,
@@ -26,7 +29,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
-from cascade_jax.parallel.rules import TOKEN_AXES
+from cascade_jax.parallel.rules import TOKEN_AXES, logical_to_spec
 
 STRATEGIES = ("local", "allgather", "all_to_all", "ragged_all_to_all")
 ExpertFFN = Callable[[jax.Array, jax.Array, jax.Array, jax.Array], jax.Array]
@@ -46,13 +49,14 @@ def expert_parallel(x, weights, indices, up, down, ffn: ExpertFFN, *, strategy: 
         x = jnp.pad(x, ((0, pad), (0, 0)))
         weights = jnp.pad(weights, ((0, pad), (0, 0)))
         indices = jnp.pad(indices, ((0, pad), (0, 0)), constant_values=num_experts)
-    tp = mesh.shape.get("tensor", 1)
-    tensor = "tensor" if tp > 1 and up.shape[-1] % tp == 0 else None
+    up_spec = logical_to_spec(("experts", "embed", "expert_mlp"), up.shape, dict(mesh.shape))
+    down_spec = logical_to_spec(("experts", "expert_mlp", "embed"), down.shape, dict(mesh.shape))
     body = partial(_BODIES[strategy], ffn=ffn, num_experts=num_experts, capacity_factor=capacity_factor,
-                   token_axes=token_axes, tensor=tensor)
+                   token_axes=token_axes, tensor=up_spec[2])
     tokens = P(token_axes, None)
     out, dropped = jax.shard_map(
-        body, in_specs=(tokens, tokens, tokens, P("expert", None, tensor), P("expert", tensor, None)),
+        partial(_with_gathered_weights, body=body, fsdp=up_spec[1]),
+        in_specs=(tokens, tokens, tokens, up_spec, down_spec),
         out_specs=(tokens, P()))(x, weights.astype(jnp.float32), indices.astype(jnp.int32), up, down)
     return out[:num_tokens], dropped
 
@@ -73,13 +77,31 @@ def _check(strategy, mesh, num_experts, capacity_factor):
 
 
 # ----------------------------------------------------------------------------- shared pieces
-def _local_ffn(rows, local_ids, num_local, ffn, up, down):
-    """ffn on rows tagged with a local expert id (num_local = not here); rows come back in input order."""
+def _with_gathered_weights(x, w, idx, up, down, *, body, fsdp):
+    """Gather the D dimension of this rank's experts (split over `fsdp`) before the strategy runs."""
+    if fsdp is not None:
+        # Tie the gather to this layer's input: otherwise schedulers may hoist every layer's gather (they
+        # depend only on parameters) to the start of the step, holding all of them at once.
+        x, up, down = jax.lax.optimization_barrier((x, up, down))
+        up = jax.lax.all_gather(up, fsdp, axis=1, tiled=True)
+        down = jax.lax.all_gather(down, fsdp, axis=2, tiled=True)
+    return body(x, w, idx, up, down)
+
+
+def _local_ffn(rows, local_ids, num_local, ffn, up, down, repeat=1):
+    """ffn on assignments tagged with a local expert id (num_local = not here); assignment i reads row
+    i // repeat, and results come back in assignment order."""
     order = jnp.argsort(local_ids, stable=True)
     sizes = jnp.bincount(local_ids, length=num_local + 1)[:num_local]
-    out = ffn(rows[order], sizes, up, down)
-    out = jnp.zeros_like(out).at[order].set(out)
+    out = unsort(ffn(rows[order // repeat], sizes, up, down), order)
     return jnp.where((local_ids < num_local)[:, None], out, 0)   # kernels need not zero the tail
+
+
+def unsort(rows, order):
+    """Undo `rows = original[order]` with a gather by the inverse permutation. (Scattering into a zero
+    buffer does the same, but XLA may schedule that buffer's creation far ahead of its use.)"""
+    inverse = jnp.zeros_like(order).at[order].set(jnp.arange(order.shape[0], dtype=order.dtype))
+    return rows[inverse]
 
 
 def _combine(out, weights):
@@ -110,7 +132,7 @@ def _allgather(x, w, idx, up, down, *, ffn, num_experts, capacity_factor, token_
     ig = jax.lax.all_gather(idx, "expert", tiled=True)
     local = ig - jax.lax.axis_index("expert") * num_local
     local = jnp.where((local >= 0) & (local < num_local), local, num_local).reshape(-1)
-    out = _local_ffn(jnp.repeat(xg, top_k, axis=0), local, num_local, ffn, up, down)
+    out = _local_ffn(xg, local, num_local, ffn, up, down, repeat=top_k)
     y = jax.lax.psum_scatter(_combine(out, wg), "expert", scatter_dimension=0, tiled=True)
     return _reduce_tensor(y, tensor), jnp.zeros((), jnp.int32)
 
@@ -161,7 +183,7 @@ def _ragged_all_to_all(x, w, idx, up, down, *, ffn, num_experts, capacity_factor
     # Back: the rows from source s return to where s sent them from (its send offset towards me).
     their_offsets = (jnp.cumsum(table, axis=1) - table)[:, me]
     back = exchange(out, jnp.zeros_like(send), recv_offsets, recv_sizes, their_offsets, sizes)
-    results = jnp.zeros_like(back).at[order].set(back)
+    results = unsort(back, order)
     return _reduce_tensor(_combine(results, w), tensor), jnp.zeros((), jnp.int32)
 
 

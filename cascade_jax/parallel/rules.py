@@ -31,13 +31,14 @@ RULES: dict[str, str | tuple[str, ...] | None] = {
     # activations
     "batch": ("data", "fsdp", "expert"),   # every replica, FSDP rank and EP rank reads its own rows
     "length": "context",
+    "tokens": ("data", "fsdp", "expert", "context"),   # a flattened [B·T] token axis
     "act_embed": None,            # the residual stream stays whole on each tensor rank
     "act_heads": "tensor",
     "act_vocab": "tensor",
 }
 
 BATCH_AXES = ("data", "fsdp", "expert")
-TOKEN_AXES = ("data", "fsdp", "expert", "context")   # axes over which flattened [B·T] tokens are split
+TOKEN_AXES = RULES["tokens"]   # axes over which flattened [B·T] tokens are split
 
 
 def mesh_axes(name: str | None, rules=RULES) -> tuple[str, ...]:
