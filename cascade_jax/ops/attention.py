@@ -41,25 +41,29 @@ def _dense(q, k, v, mask, scale):
     return out.transpose(0, 3, 1, 2, 4).reshape(batch, length, heads, head_dim).astype(q.dtype)
 
 
-def _xla_attention(q, k, v, segment_ids, scale, block_size):
-    length = q.shape[1]
-    index = jnp.broadcast_to(jnp.arange(length), segment_ids.shape)
+def _xla_attention(q, k, v, segment_ids, kv_segment_ids, q_offset, scale, block_size):
+    length, kv_length = q.shape[1], k.shape[1]
+    kv_index = jnp.broadcast_to(jnp.arange(kv_length), kv_segment_ids.shape)
     blocks = -(-length // block_size)
-    if blocks <= _MAX_UNROLLED_BLOCKS:
+    if kv_segment_ids is segment_ids and blocks <= _MAX_UNROLLED_BLOCKS:
         outputs = []
         for start in range(0, length, block_size):
             end = min(length, start + block_size)
-            mask = attention_mask(segment_ids[:, start:end], segment_ids[:, :end], index[:, start:end], index[:, :end])
+            mask = attention_mask(segment_ids[:, start:end], segment_ids[:, :end], kv_index[:, start:end],
+                                  kv_index[:, :end])
             outputs.append(_dense(q[:, start:end], k[:, :end], v[:, :end], mask, scale))
         return jnp.concatenate(outputs, axis=1)
+    index = jnp.broadcast_to(q_offset + jnp.arange(length), segment_ids.shape)
     pad = blocks * block_size - length
     q_blocks = jnp.pad(q, ((0, 0), (0, pad), (0, 0), (0, 0))).reshape(q.shape[0], blocks, block_size, *q.shape[2:])
     seg_blocks = jnp.pad(segment_ids, ((0, 0), (0, pad)), constant_values=-1).reshape(-1, blocks, block_size)
     idx_blocks = jnp.pad(index, ((0, 0), (0, pad))).reshape(-1, blocks, block_size)
 
+    # Checkpointed so the backward pass keeps one block's scores at a time, not every block's.
+    @jax.checkpoint
     def one_block(args):
         q_b, seg_b, idx_b = args
-        return _dense(q_b, k, v, attention_mask(seg_b, segment_ids, idx_b, index), scale)
+        return _dense(q_b, k, v, attention_mask(seg_b, kv_segment_ids, idx_b, kv_index), scale)
 
     out = jax.lax.map(one_block, (q_blocks.swapaxes(0, 1), seg_blocks.swapaxes(0, 1), idx_blocks.swapaxes(0, 1)))
     return out.swapaxes(0, 1).reshape(q.shape[0], blocks * block_size, *q.shape[2:])[:, :length]
@@ -70,16 +74,24 @@ _BACKENDS = {"xla": _xla_attention}
 
 def attention(
     q: Float[Array, "B T H P"],
-    k: Float[Array, "B T K P"],
-    v: Float[Array, "B T K P"],
+    k: Float[Array, "B S K P"],
+    v: Float[Array, "B S K P"],
     segment_ids: Int[Array, "B T"],
     backend: str = "xla",
     block_size: int = 512,
+    *,
+    kv_segment_ids: Int[Array, "B S"] | None = None,
+    q_offset: int | Int[Array, ""] = 0,
 ) -> Float[Array, "B T H P"]:
-    """softmax(q kᵀ / √P + document-causal mask) v; query head h reads kv head h // (H / K)."""
+    """softmax(q kᵀ / √P + document-causal mask) v; query head h reads kv head h // (H / K).
+
+    Keys sit at positions 0..S-1 and queries at q_offset + 0..T-1 of the same rows; by default the keys
+    are the queries' own tokens (S = T, offset 0). Context parallelism passes a shard's queries with
+    every shard's keys (`kv_segment_ids` for those, `q_offset` = where the shard starts)."""
     if backend not in _BACKENDS:
         raise ValueError(f"attention backend {backend!r}: expected one of {sorted(_BACKENDS)}")
-    return _BACKENDS[backend](q, k, v, segment_ids, q.shape[-1] ** -0.5, block_size)
+    kv_segment_ids = segment_ids if kv_segment_ids is None else kv_segment_ids
+    return _BACKENDS[backend](q, k, v, segment_ids, kv_segment_ids, q_offset, q.shape[-1] ** -0.5, block_size)
 
 
 def attention_reference(q, k, v, mask):

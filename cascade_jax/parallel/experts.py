@@ -149,8 +149,12 @@ def _all_to_all(x, w, idx, up, down, *, ffn, num_experts, capacity_factor, token
     position = _ranks(dest, ep + 1)
     keep = routed & (position < capacity)
     slot = jnp.where(keep, dest * capacity + position, ep * capacity)   # out of range → dropped
-    send = jnp.zeros((ep * capacity, x.shape[1]), x.dtype).at[slot].set(jnp.repeat(x, top_k, axis=0), mode="drop")
-    send_ids = jnp.full((ep * capacity,), num_local, jnp.int32).at[slot].set(flat % num_local, mode="drop")
+    # Which assignment fills each send slot (N·k = none), then a gather: no zero-filled [ep·capacity, D]
+    # buffer that a scheduler could create long before this layer runs.
+    filled_by = jnp.full((ep * capacity,), flat.shape[0], jnp.int32).at[slot].set(
+        jnp.arange(flat.shape[0], dtype=jnp.int32), mode="drop")
+    send = jnp.take(x, filled_by // top_k, axis=0, mode="fill", fill_value=0)
+    send_ids = jnp.take(flat % num_local, filled_by, mode="fill", fill_value=num_local)
     recv = jax.lax.all_to_all(send.reshape(ep, capacity, -1), "expert", 0, 0)
     recv_ids = jax.lax.all_to_all(send_ids.reshape(ep, capacity), "expert", 0, 0)
     out = _local_ffn(recv.reshape(ep * capacity, -1), recv_ids.reshape(-1), num_local, ffn, up, down)

@@ -16,7 +16,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 RULES: dict[str, str | tuple[str, ...] | None] = {
     # parameters
     "vocab": "tensor",            # embedding rows / lm_head columns: vocab-parallel
-    "embed": "fsdp",              # hidden size: the FSDP split of every matrix (gathered before use)
+    "embed": ("fsdp", "context"), # hidden size: the FSDP split of every matrix (gathered before use); context
+                                  # ranks hold different tokens of the same rows, so they share the FSDP work
     "q_heads": "tensor",          # attention heads (Megatron column/row parallel q,k,v / o)
     "kv_heads": "tensor",
     "mamba_in_proj": "tensor",    # Mamba heads: in_proj columns, conv channels, per-head vectors, out_proj rows

@@ -42,3 +42,20 @@ def test_unknown_backend_is_a_clear_error():
     q = jnp.zeros((1, 2, 2, 4))
     with pytest.raises(ValueError, match="attention backend 'nope'"):
         attention(q, q, q, jnp.ones((1, 2), jnp.int32), backend="nope")
+
+
+@pytest.mark.parametrize("shards, block", [(2, 512), (3, 4)])
+def test_query_shard_against_all_keys(shards, block):
+    """A shard's queries (q_offset) against every token's keys equal that slice of full attention."""
+    length = 12 * shards
+    k = jax.random.split(jax.random.key(7), 3)
+    q = jax.random.normal(k[0], (2, length, 4, 8))
+    kk = jax.random.normal(k[1], (2, length, 2, 8))
+    v = jax.random.normal(k[2], (2, length, 2, 8))
+    seg = jnp.array([[1] * length, [1] * 5 + [2] * (length - 9) + [0] * 4], jnp.int32)
+    full = attention(q, kk, v, seg)
+    part = length // shards
+    for r in range(shards):
+        rows = slice(r * part, (r + 1) * part)
+        got = attention(q[:, rows], kk, v, seg[:, rows], block_size=block, kv_segment_ids=seg, q_offset=r * part)
+        np.testing.assert_allclose(got, full[:, rows], rtol=1e-5, atol=1e-6)
