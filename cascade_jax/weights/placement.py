@@ -1,4 +1,4 @@
-"""Where loaded parameters go: the caller's mesh and partition specs, or the converter's row split.
+"""Where loaded parameters go: the caller's mesh and partition specs.
 
 `partition` (for `load_pretrained(..., mesh=, partition=)`) is one of
   - None: every parameter replicated on the mesh;
@@ -14,7 +14,6 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import jax
-import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec, SingleDeviceSharding
 
 
@@ -32,29 +31,6 @@ def param_sharding(mesh: Mesh | None, partition, path: tuple, variable) -> jax.s
     if isinstance(spec, NamedSharding):
         return spec
     return NamedSharding(mesh, spec if spec is not None else PartitionSpec())
-
-
-def row_split_sharding(shape: tuple[int, ...], axis: int, devices=None) -> jax.sharding.Sharding:
-    """Split `axis` across the host's CPU devices, so an array is built (and saved) one block at a time.
-
-    Arrays whose axis does not divide evenly stay on one device (they are small: norms, biases, heads).
-    """
-    devices = devices if devices is not None else jax.devices("cpu")
-    if shape and len(devices) > 1 and shape[axis] % len(devices) == 0:
-        spec = [None] * len(shape)
-        spec[axis] = "rows"
-        return NamedSharding(Mesh(np.array(devices), ("rows",)), PartitionSpec(*spec))
-    return SingleDeviceSharding(devices[0])
-
-
-def blocks_in_order(array: jax.Array, axis: int):
-    """Yield (start along `axis`, host block) for each distinct shard, in order along `axis`."""
-    starts = {}
-    for shard in array.addressable_shards:
-        start = shard.index[axis].indices(array.shape[axis])[0] if array.ndim else 0
-        starts.setdefault(start, shard)
-    for start in sorted(starts):
-        yield start, np.asarray(starts[start].data)
 
 
 PartitionFn = Callable[[tuple, object], PartitionSpec | None]

@@ -7,11 +7,9 @@ import os
 import re
 import sys
 
-# Conversion runs on the host: use CPU devices only, and several of them, so a parameter can be built
-# and saved one device block at a time (see to_jax). Must happen before JAX creates its backends.
+# Conversion runs on the host with numpy and TensorStore; keep JAX (imported for the model's shapes) off
+# any accelerator. Must happen before JAX creates its backends.
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
-if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
-    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
 
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
           "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}

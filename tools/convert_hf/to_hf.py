@@ -2,19 +2,24 @@
 
 from __future__ import annotations
 
+import collections
+import concurrent.futures
 import contextlib
 import json
+import math
 
-import jax
 import numpy as np
+import tensorstore as ts
 
-from cascade_jax.weights.hf_mapping import hf_row_axis, hf_rules, hf_shapes, to_hf
+from cascade_jax.weights.hf_mapping import copy_into, hf_row_axis, hf_rules, hf_shapes, to_hf
 from cascade_jax.weights.orbax_params import ParamsSource, read_config, tree_key
-from cascade_jax.weights.placement import blocks_in_order, row_split_sharding
 from cascade_jax.weights.safetensors_dir import CheckpointError, dtype_name
 from cascade_jax.weights.safetensors_writer import ShardedSafetensorsWriter, TensorEntry
+from cascade_jax.weights.streamed_save import BLOCK_BYTES, block_ranges
 from cascade_jax.weights.validate import abstract_state, target_dtype
 from tools.convert_hf.output import Progress, staged_directory
+
+BLOCKS_IN_FLIGHT = 3   # blocks read and transposed ahead while the caller writes
 
 
 def convert_to_hf(ckpt_dir, out_dir, *, max_shard_bytes: int = 5 * 10**9, dtype=None,
@@ -34,9 +39,11 @@ def convert_to_hf(ckpt_dir, out_dir, *, max_shard_bytes: int = 5 * 10**9, dtype=
     with staged_directory(out_dir, overwrite) as staging, contextlib.closing(
             Progress("to-hf", len(entries), sum(e.nbytes for e in entries), progress)) as bar:
         writer = ShardedSafetensorsWriter(staging, entries, max_shard_bytes)
-        for rule in rules:
-            nbytes = _write_rule(source, rule, writer, target_dtype(rule, out_dtype))
-            bar.advance(len(rule.hf_names), nbytes)
+        for rule, (start, stop, rows), tensors in _hf_blocks(source, rules, out_dtype):
+            experts = rule.transform == "experts"
+            for name, tensor in zip(rule.hf_names[start:stop] if experts else rule.hf_names, tensors):
+                writer.write(name, tensor)
+                bar.advance(int(experts or stop == rows), tensor.nbytes)
         writer.close()
         hf_config = config.to_hf() | {"dtype": out_dtype.name, "torch_dtype": out_dtype.name}
         _write_json(staging / "config.json", hf_config)
@@ -44,21 +51,70 @@ def convert_to_hf(ckpt_dir, out_dir, *, max_shard_bytes: int = 5 * 10**9, dtype=
     return bar.summary(out_dir)
 
 
-def _write_rule(source: ParamsSource, rule, writer: ShardedSafetensorsWriter, cast: np.dtype) -> int:
-    """Read one parameter (split by HF rows over the CPU devices) and append its HF tensors."""
-    key, axis = tree_key(rule.path), hf_row_axis(rule)
-    shape, stored = source.leaves[key]
-    sharding = row_split_sharding(shape, axis)
-    array = source.restore({key: jax.ShapeDtypeStruct(shape, stored, sharding=sharding)})[key]
-    written = 0
-    for start, block in blocks_in_order(array, axis):
-        if rule.transform == "experts":
-            for offset, expert in enumerate(block):
-                writer.write(rule.hf_names[start + offset], expert.T.astype(cast, copy=False))
-        else:
-            writer.write(rule.hf_names[0], to_hf(rule, block)[0].astype(cast, copy=False))
-        written += block.size * cast.itemsize
-    return written
+def _hf_blocks(source: ParamsSource, rules, out_dtype: np.dtype):
+    """(rule, (start, stop, rows), HF tensors) for every block of every parameter, in order, split along
+    the HF row axis. A thread pool reads and transposes BLOCKS_IN_FLIGHT blocks ahead while the caller
+    writes; each block has a slot of buffers that is reused once the caller is done with the block
+    (fresh pages for every block would cost as much as the copies)."""
+    slots = [_Slot() for _ in range(BLOCKS_IN_FLIGHT + 1)]
+    pending = collections.deque()
+    with concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="to-hf-read") as pool:
+        for i, (rule, store, dtype, span) in enumerate(_plan(source, rules)):
+            if len(pending) == BLOCKS_IN_FLIGHT:
+                yield _finished(source, *pending.popleft())
+            cast = target_dtype(rule, out_dtype)
+            pending.append((rule, span, pool.submit(slots[i % len(slots)].load, rule, store, dtype, span, cast)))
+        while pending:
+            yield _finished(source, *pending.popleft())
+
+
+class _Slot:
+    """The buffers one block in flight is read into (our layout) and converted into (HF layout)."""
+
+    def __init__(self):
+        self.block, self.hf = np.empty(0, np.uint8), np.empty(0, np.uint8)
+
+    def load(self, rule, store, dtype: np.dtype, span, cast: np.dtype) -> list[np.ndarray]:
+        axis, (start, stop, _) = hf_row_axis(rule), span
+        shape = tuple(stop - start if a == axis else n for a, n in enumerate(store.shape))
+        self.block = _grown(self.block, math.prod(shape) * dtype.itemsize)
+        block = self.block[:math.prod(shape) * dtype.itemsize].view(dtype).reshape(shape)
+        index = tuple(slice(start, stop) if a == axis else slice(None) for a in range(len(shape)))
+        ts.array(block, copy=False, write=True).write(store[index]).result()
+        views = to_hf(rule, block)
+        if len(views) == 1 and views[0].dtype == cast and views[0].flags.c_contiguous:
+            return views   # a plain copy: the block already is the HF rows
+        self.hf = _grown(self.hf, sum(v.size for v in views) * cast.itemsize)
+        out, offset = [], 0
+        for view in views:
+            nbytes = view.size * cast.itemsize
+            out.append(self.hf[offset:offset + nbytes].view(cast).reshape(view.shape))
+            copy_into(out[-1], view)
+            offset += nbytes
+        return out
+
+
+def _plan(source: ParamsSource, rules):
+    """(rule, store, dtype, (start, stop, rows)) for each block: whole storage chunks of about BLOCK_BYTES."""
+    for rule in rules:
+        key, axis = tree_key(rule.path), hf_row_axis(rule)
+        store, (shape, dtype) = source.open_leaf(key), source.leaves[key]
+        rows = shape[axis] if shape else 1
+        chunk_rows = store.chunk_layout.read_chunk.shape[axis] if shape else 1
+        for start, stop in block_ranges(rows, math.prod(shape) * dtype.itemsize // max(rows, 1), chunk_rows):
+            yield rule, store, dtype, (start, stop, rows)
+
+
+def _finished(source: ParamsSource, rule, span, loading):
+    try:
+        return rule, span, loading.result()
+    except Exception as e:  # TensorStore reports corrupt or missing chunks as several exception types
+        raise CheckpointError(f"{source.pytree_dir}: cannot read {'/'.join(tree_key(rule.path))} "
+                              f"({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
+
+
+def _grown(buffer: np.ndarray, nbytes: int) -> np.ndarray:
+    return buffer if buffer.size >= nbytes else np.empty(max(nbytes, BLOCK_BYTES), np.uint8)
 
 
 def _check_leaves(source: ParamsSource, rules, flat) -> None:
