@@ -8,7 +8,7 @@ from jaxtyping import Array, Float, Int
 
 from cascade_jax.config import ModelConfig
 from cascade_jax.model.layers import Linear
-from cascade_jax.ops.attention import attention
+from cascade_jax.parallel.context import sequence_attention
 
 
 class AttentionMixer(nnx.Module):
@@ -31,7 +31,5 @@ class AttentionMixer(nnx.Module):
         q = self.q_proj(u).reshape(batch, length, c.num_attention_heads, c.head_dim)
         k = self.k_proj(u).reshape(batch, length, c.num_key_value_heads, c.head_dim)
         v = self.v_proj(u).reshape(batch, length, c.num_key_value_heads, c.head_dim)
-        if segment_ids is None:
-            segment_ids = jnp.zeros((batch, length), jnp.int32)
-        out = attention(q, k, v, segment_ids, backend=self.backend)
+        out = sequence_attention(q, k, v, segment_ids, backend=self.backend)
         return self.o_proj(out.reshape(batch, length, -1))

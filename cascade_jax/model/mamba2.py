@@ -11,8 +11,7 @@ from jaxtyping import Array, Float, Int
 
 from cascade_jax.config import ModelConfig
 from cascade_jax.model.layers import Linear, kaiming_uniform_std, rms_normalize
-from cascade_jax.ops.conv import causal_conv1d
-from cascade_jax.ops.ssd import ssd_chunked
+from cascade_jax.parallel.context import sequence_conv, sequence_ssd
 
 
 def _initial_dt_bias(config: ModelConfig, key) -> Array:
@@ -54,7 +53,7 @@ class Mamba2Mixer(nnx.Module):
         heads, inner, groups, state = c.mamba_num_heads, c.mamba_d_inner, c.n_groups, c.ssm_state_size
         z, xbc, dt = jnp.split(self.in_proj(u), [inner, inner + c.mamba_conv_dim], axis=-1)
         conv_bias = None if self.conv_bias is None else self.conv_bias[...].astype(self.dtype)
-        xbc, _ = causal_conv1d(xbc, self.conv_weight[...].astype(self.dtype), conv_bias, segment_ids)
+        xbc = sequence_conv(xbc, self.conv_weight[...].astype(self.dtype), conv_bias, segment_ids)
         xbc = jax.nn.silu(xbc)
         x, B, C = jnp.split(xbc, [inner, inner + groups * state], axis=-1)
         x = x.reshape(batch, length, heads, c.mamba_head_dim)
@@ -65,7 +64,7 @@ class Mamba2Mixer(nnx.Module):
         if c.time_step_limit != (0.0, math.inf):
             dt = jnp.clip(dt, *c.time_step_limit)
         A = -jnp.exp(self.A_log[...].astype(jnp.float32))
-        y, _ = ssd_chunked(x, dt, A, B, C, c.chunk_size, segment_ids)
+        y = sequence_ssd(x, dt, A, B, C, c.chunk_size, segment_ids)
         y = y + self.D[...].astype(jnp.float32)[:, None] * x.astype(jnp.float32)
 
         # Gate first, then normalize each of the n_groups channel groups (norm_before_gate=False).

@@ -11,8 +11,9 @@ import jax.numpy as jnp
 from jaxtyping import Array, Float, Int
 
 
-def _with_history(x, width, segment_ids, state):
-    """Prepend the K-1 carried inputs (zeros when none); they belong to the row's first document.
+def _with_history(x, width, segment_ids, state, state_segment_ids):
+    """Prepend the K-1 carried inputs (zeros when none). They belong to the row's first document unless
+    `state_segment_ids` says otherwise (context parallelism: the left neighbour's last tokens).
 
     Returns (inputs with history, their segment ids, the segment ids of the tokens themselves)."""
     batch, length, channels = x.shape
@@ -20,9 +21,10 @@ def _with_history(x, width, segment_ids, state):
         segment_ids = jnp.zeros((batch, length), jnp.int32)
     if state is None:
         state = jnp.zeros((batch, width - 1, channels), x.dtype)
-    history = width - 1
+    if state_segment_ids is None:
+        state_segment_ids = jnp.repeat(segment_ids[:, :1], width - 1, axis=1)
     x_full = jnp.concatenate([state.astype(x.dtype), x], axis=1)
-    seg_full = jnp.concatenate([jnp.repeat(segment_ids[:, :1], history, axis=1), segment_ids], axis=1)
+    seg_full = jnp.concatenate([state_segment_ids.astype(segment_ids.dtype), segment_ids], axis=1)
     return x_full, seg_full, segment_ids
 
 
@@ -32,11 +34,12 @@ def causal_conv1d(
     bias: Float[Array, "C"] | None = None,
     segment_ids: Int[Array, "B T"] | None = None,
     state: Float[Array, "B K-1 C"] | None = None,
+    state_segment_ids: Int[Array, "B K-1"] | None = None,
 ) -> tuple[Float[Array, "B T C"], Float[Array, "B K-1 C"]]:
     """Returns the conv output (no activation) and the last K-1 inputs, the state for the next call."""
     batch, length, channels = x.shape
     width = weight.shape[0]
-    x_full, seg_full, segment_ids = _with_history(x, width, segment_ids, state)
+    x_full, seg_full, segment_ids = _with_history(x, width, segment_ids, state, state_segment_ids)
     out = jnp.zeros((batch, length, channels), jnp.promote_types(x.dtype, weight.dtype))
     for k in range(width):
         tap = x_full[:, k:k + length]
@@ -47,10 +50,10 @@ def causal_conv1d(
     return out.astype(x.dtype), x_full[:, length:]
 
 
-def causal_conv1d_reference(x, weight, bias=None, segment_ids=None, state=None):
+def causal_conv1d_reference(x, weight, bias=None, segment_ids=None, state=None, state_segment_ids=None):
     """Token-by-token loop over explicit windows (slow, obviously right)."""
     length, width = x.shape[1], weight.shape[0]
-    x_full, seg_full, segment_ids = _with_history(x, width, segment_ids, state)
+    x_full, seg_full, segment_ids = _with_history(x, width, segment_ids, state, state_segment_ids)
     outputs = []
     for t in range(length):
         window = x_full[:, t:t + width]                              # [B, K, C]; row K-1 is token t

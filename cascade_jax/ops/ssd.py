@@ -130,8 +130,8 @@ def ssd_chunked(
     # 3. Pass states across chunks; the carry survives a chunk only if no document starts inside it.
     prev_last_seg = jnp.concatenate([seg[:, :1, :1], last_seg[:, :-1]], axis=1)  # [B, c, 1]
     carry_decay = jnp.exp(cum_decay[..., -1]) * (last_seg == prev_last_seg)       # [B, c, H]
-    state0 = (jnp.zeros((batch, heads, head_dim, state_size), f32) if initial_state is None
-              else initial_state.astype(f32))
+    # zeros_like keeps the inputs' shard_map axis types, which the scan's carry must match.
+    state0 = jnp.zeros_like(chunk_states[:, 0]) if initial_state is None else initial_state.astype(f32)
 
     def pass_state(carry, inputs):
         decay, own = inputs
