@@ -1,6 +1,8 @@
 """The streaming fast paths against their slow obvious references: block fills and transposes, block
 plans, the streamed Orbax save, and a round trip with blocks small enough that every parameter splits."""
 
+import itertools
+
 import ml_dtypes
 import numpy as np
 import orbax.checkpoint as ocp
@@ -70,7 +72,7 @@ def test_block_ranges_cover_rows_in_whole_chunks(rows, row_bytes, chunk_rows, mo
     monkeypatch.setattr(streamed_save, "BLOCK_BYTES", 4096)
     blocks = streamed_save.block_ranges(rows, row_bytes, chunk_rows)
     assert blocks[0][0] == 0 and blocks[-1][1] == rows
-    assert all(a[1] == b[0] for a, b in zip(blocks, blocks[1:]))
+    assert all(a[1] == b[0] for a, b in itertools.pairwise(blocks))
     for start, stop in blocks:
         assert (stop - start) * row_bytes <= 4096 or stop - start == 1
         if chunk_rows * row_bytes <= 4096:
