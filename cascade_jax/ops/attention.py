@@ -11,6 +11,8 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float, Int
 
+from cascade_jax.ops.flash_attention import flash_attention
+
 _MASKED = -0.7 * float(jnp.finfo(jnp.float32).max)
 # Up to this many query blocks are unrolled, each reading only the keys up to its end (causal skipping);
 # longer inputs loop over blocks with lax.map and read all keys (bounded memory, no skipping).
@@ -69,7 +71,11 @@ def _xla_attention(q, k, v, segment_ids, kv_segment_ids, q_offset, scale, block_
     return out.swapaxes(0, 1).reshape(q.shape[0], blocks * block_size, *q.shape[2:])[:, :length]
 
 
-_BACKENDS = {"xla": _xla_attention}
+def _flash_attention(q, k, v, segment_ids, kv_segment_ids, q_offset, scale, block_size):
+    return flash_attention(q, k, v, segment_ids, kv_segment_ids, q_offset, scale, block_size, block_size)
+
+
+_BACKENDS = {"xla": _xla_attention, "flash": _flash_attention}
 
 
 def attention(
