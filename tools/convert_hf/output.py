@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import os
 import shutil
 import sys
 import tempfile
@@ -20,6 +21,8 @@ def staged_directory(out_dir, overwrite: bool):
     """Yield a temporary directory beside `out_dir`; it becomes `out_dir` only if the block succeeds.
 
     Same parent, so the final step is a rename (atomic on one file system), and a failure leaves nothing.
+    Everything written is flushed to disk before the rename, so a crash never leaves a complete-looking
+    directory with missing data (the writes themselves go through the page cache, at memory speed).
     """
     out = Path(out_dir).absolute()
     if out.exists() and not overwrite:
@@ -31,6 +34,7 @@ def staged_directory(out_dir, overwrite: bool):
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+    _flush_to_disk(staging)
     if out.exists():   # --overwrite: swap, then remove the old one
         old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
         out.rename(old / "previous")
@@ -38,6 +42,21 @@ def staged_directory(out_dir, overwrite: bool):
         shutil.rmtree(old, ignore_errors=True)
     else:
         staging.rename(out)
+
+
+def _flush_to_disk(root: Path) -> None:
+    """fsync every file, then every directory (deepest first, so new entries are durable too)."""
+    folders = [*sorted((p for p in root.rglob("*") if p.is_dir()), key=lambda p: -len(p.parts)), root]
+    for path in root.rglob("*"):
+        if path.is_file():
+            with open(path, "rb") as f:
+                os.fsync(f.fileno())
+    for folder in folders:
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 @dataclasses.dataclass
