@@ -39,6 +39,7 @@ def _args(argv):
     p.add_argument("--remat", default="full", choices=["none", "full", "dots"])
     p.add_argument("--dtype", default="bfloat16", help="compute dtype (parameters and Adam stay fp32)")
     p.add_argument("--dispatch", default="allgather", help="moe_dispatch under the mesh")
+    p.add_argument("--attention", default="xla", help="attention backend: xla | flash")
     p.add_argument("--capacity-factor", type=float, default=None,
                    help="all_to_all slots per destination as a multiple of the balanced load (default: dropless)")
     p.add_argument("--loss-chunk", type=int, default=1024, help="tokens per device per lm_head/CE step")
@@ -59,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
         report = plan_train_step(preset=args.preset, mesh_sizes=_parse_mesh(args.mesh), seq_len=args.seq_len,
                                  rows=args.rows, micro_batches=args.micro_batches, remat=args.remat,
                                  dtype=args.dtype, dispatch=args.dispatch, loss_chunk=args.loss_chunk,
-                                 capacity_factor=args.capacity_factor)
+                                 capacity_factor=args.capacity_factor, attention=args.attention)
     except ValueError as e:
         print(f"cascade-plan: error: {e}", file=sys.stderr)
         return 1
@@ -73,7 +74,7 @@ def format_report(r: dict, device_bytes: float, seconds: float) -> str:
     lines = [
         f"model {r['preset']}: {r['params'] / 1e9:.2f}B parameters, {r['active_params'] / 1e9:.2f}B active",
         f"mesh {r['mesh']} on {r['devices']} devices; {r['rows']} rows × {r['seq_len']} tokens × "
-        f"{r['micro_batches']} micro-batches; remat={r['remat']}, compute {r['dtype']}, dispatch={r['dispatch']}"
+        f"{r['micro_batches']} micro-batches; remat={r['remat']}, compute {r['dtype']}, attention={r['attention']}, dispatch={r['dispatch']}"
         + (f" (capacity factor {r['capacity_factor']})" if r["capacity_factor"] else " (dropless)"),
         "per device:",
         f"  parameters (fp32)        {gb(r['param_bytes'])}",

@@ -51,9 +51,11 @@ def _shard_bytes(abstract) -> int:
     return total
 
 
-def abstract_train_state(config: ModelConfig, mesh, *, dtype, remat, dispatch, tx, capacity_factor=None):
+def abstract_train_state(config: ModelConfig, mesh, *, dtype, remat, dispatch, tx, capacity_factor=None,
+                         attention="xla"):
     """(graphdef, sharded abstract TrainState) — eval_shape only, nothing allocated."""
-    backends = Backends(grouped_matmul=STANDIN, moe_dispatch=dispatch, moe_capacity_factor=capacity_factor)
+    backends = Backends(attention=attention, grouped_matmul=STANDIN, moe_dispatch=dispatch,
+                        moe_capacity_factor=capacity_factor)
     model = nnx.eval_shape(lambda: NemotronH(config, rngs=nnx.Rngs(0), dtype=jnp.dtype(dtype),
                                              param_dtype=jnp.float32, backends=backends, remat=remat))
     graphdef, params, expert_bias = split_model(model)
@@ -64,7 +66,7 @@ def abstract_train_state(config: ModelConfig, mesh, *, dtype, remat, dispatch, t
 
 
 def plan_train_step(*, preset, mesh_sizes, seq_len, rows, micro_batches, remat, dtype, dispatch, loss_chunk,
-                    capacity_factor=None):
+                    capacity_factor=None, attention="xla"):
     config = ModelConfig.preset(preset)
     mesh = make_mesh(MeshConfig(**mesh_sizes))
     batch_shards = math.prod(mesh.shape[a] for a in ("data", "fsdp", "expert"))
@@ -72,7 +74,7 @@ def plan_train_step(*, preset, mesh_sizes, seq_len, rows, micro_batches, remat, 
     tx = build_optimizer(OptimizerSection(), total_steps=1000)
     with mesh_context(mesh):
         graphdef, state = abstract_train_state(config, mesh, dtype=dtype, remat=remat, dispatch=dispatch, tx=tx,
-                                               capacity_factor=capacity_factor)
+                                               capacity_factor=capacity_factor, attention=attention)
         shape = (micro_batches, rows, seq_len)
         spec = batch_sharding(mesh, shape)
         batch = {k: jax.ShapeDtypeStruct(shape, jnp.int32, sharding=spec)
@@ -87,6 +89,7 @@ def plan_train_step(*, preset, mesh_sizes, seq_len, rows, micro_batches, remat, 
     return dict(
         preset=preset, mesh=dict(mesh.shape), devices=mesh.size, rows=rows, seq_len=seq_len,
         micro_batches=micro_batches, remat=remat, dtype=dtype, dispatch=dispatch, capacity_factor=capacity_factor,
+        attention=attention,
         params=config.num_params(), active_params=config.num_active_params(),
         param_bytes=_shard_bytes((state.params, state.expert_bias)), opt_bytes=_shard_bytes(state.opt_state),
         argument_bytes=memory.argument_size_in_bytes, temp_bytes=memory.temp_size_in_bytes,

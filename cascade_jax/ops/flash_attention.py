@@ -93,6 +93,15 @@ def _tile(q_blk, k_blk, q_seg, kv_seg, q_pos, kv_pos, scale):
     return jnp.where(visible[:, None, None], scores, -jnp.inf)
 
 
+def _zeros(shape, *like):
+    """fp32 zeros that vary over the same shard_map axes as `like` together: a loop's carry must have the
+    axis types of what the loop body returns (queries and keys may vary over different mesh axes)."""
+    out = jnp.zeros(shape, jnp.float32)
+    for x in like:
+        out = out + jnp.zeros_like(jnp.ravel(x)[:1], jnp.float32)[0]
+    return out
+
+
 def _last_kv_block(q_offset, q_block, block_q, block_kv, kv_blocks):
     """Key blocks at index ≥ this hold only keys after every query of the block (causal skipping)."""
     last_position = q_offset + (q_block + 1) * block_q - 1
@@ -134,7 +143,8 @@ def _forward(q, k, v, segment_ids, kv_segment_ids, q_offset, scale, block_q, blo
             return new_max, rescale * running_sum + probs.sum(-1), rescale[..., None] * acc + pv
 
         stats_shape = q_blk.shape[:-1]
-        init = (jnp.full(stats_shape, -jnp.inf), jnp.zeros(stats_shape), jnp.zeros(q_blk.shape, jnp.float32))
+        init = (_zeros(stats_shape, q_blk, kt, q_offset) - jnp.inf, _zeros(stats_shape, q_blk, kt, q_offset),
+                _zeros(q_blk.shape, q_blk, kt, q_offset))
         last = _last_kv_block(q_offset, i, block_q, block_kv, kv_blocks)
         running_max, running_sum, acc = jax.lax.fori_loop(0, last, one_kv_block, init)
         seen = running_sum > 0
@@ -188,12 +198,12 @@ def _backward(q, k, v, segment_ids, kv_segment_ids, q_offset, out, lse, d_out, s
                                            preferred_element_type=jnp.float32)
             return dk, dv, jax.lax.dynamic_update_slice_in_dim(dq, dq_blk, q_start, axis=3)
 
-        zeros = jnp.zeros(k_blk.shape, jnp.float32)
+        zeros = _zeros(k_blk.shape, k_blk, qg, dog, q_offset)
         first = _first_q_block(q_offset, j, block_q, block_kv, q_blocks)
         dk, dv, dq = jax.lax.fori_loop(first, q_blocks, one_q_block, (zeros, zeros, dq))
         return dq, (dk, dv)
 
-    dq, (dk, dv) = jax.lax.scan(one_kv_block, jnp.zeros(qg.shape, jnp.float32), jnp.arange(kv_blocks))
+    dq, (dk, dv) = jax.lax.scan(one_kv_block, _zeros(qg.shape, qg, dog, kt, q_offset), jnp.arange(kv_blocks))
 
     def kv_grad(blocks, like):                                              # [n, B, K, bkv, P] → [B, S, K, P]
         full = jnp.moveaxis(blocks, 0, 2).reshape(kt.shape)

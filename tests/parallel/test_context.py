@@ -84,3 +84,19 @@ def test_no_mesh_is_the_plain_op():
     got = sequence_ssd(inputs["x"], inputs["dt"], inputs["A"], inputs["B"], inputs["C"], 8, segments)
     np.testing.assert_array_equal(got, ssd_chunked(inputs["x"], inputs["dt"], inputs["A"], inputs["B"],
                                                    inputs["C"], 8, segments)[0])
+
+
+def test_flash_attention_under_context_parallelism():
+    inputs, segments = _inputs(2), _segments()
+    qkv = dict(q=inputs["x"], k=inputs["k"], v=inputs["v"])
+
+    def loss(a, s, **kw):
+        out = sequence_attention(a["q"], a["k"], a["v"], s, **kw)
+        return jnp.sum(jnp.sin(jnp.arange(out.size).reshape(out.shape)) * out)
+
+    want = jax.value_and_grad(loss)(qkv, segments)
+    mesh = make_mesh(MeshConfig(context=4, fsdp=2))
+    with mesh_context(mesh):
+        got = jax.jit(jax.value_and_grad(lambda a, s: loss(a, s, backend="flash", block_size=8)))(
+            _place(qkv, mesh), _place(segments, mesh))
+    assert_close(got, want)
