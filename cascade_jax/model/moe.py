@@ -12,7 +12,8 @@ from cascade_jax.config import ModelConfig
 from cascade_jax.model.layers import ExpertBias, Linear, normal_param, relu_squared
 from cascade_jax.model.mlp import MLP
 from cascade_jax.ops.grouped_matmul import grouped_matmul
-from cascade_jax.parallel.experts import expert_parallel, unsort
+from cascade_jax.ops.permute import sort_rows, unsort_rows
+from cascade_jax.parallel.experts import expert_parallel
 
 
 def route(
@@ -56,9 +57,9 @@ def dropless_experts(
     flat_experts = indices.reshape(-1)
     order = jnp.argsort(flat_experts, stable=True)
     group_sizes = jnp.bincount(flat_experts, length=up.shape[0])
-    rows = x[order // top_k]                                                  # [N·k, D], grouped by expert
+    rows = sort_rows(x, order, top_k)                                         # [N·k, D], grouped by expert
     out = _expert_ffn(rows, group_sizes, up, down, backend)                   # [N·k, D]
-    unsorted = unsort(out, order)
+    unsorted = unsort_rows(out, order)
     weighted = unsorted.reshape(num_tokens, top_k, -1).astype(jnp.float32) * weights[..., None]
     return weighted.sum(axis=1).astype(x.dtype)
 

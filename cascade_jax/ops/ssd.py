@@ -72,6 +72,33 @@ def _segment_sum(log_decay: Float[Array, "... C"]) -> Float[Array, "... C C"]:
     return jnp.where(jnp.tril(jnp.ones((size, size), bool)), sums, _NEG_INF)
 
 
+# Up to this many chunks, states pass between chunks as one [c+1, c+1] decay-matrix product (no loop; its
+# cost, c² per head state, stays small next to the layer); beyond, a sequential scan over chunks.
+_MAX_MATRIX_CHUNKS = 512
+
+
+def _pass_states_matrix(log_carry, chunk_states, state0):
+    """state entering chunk z = Σ_{c<z} (Π_{c<k<z} carry_k) · own_c + (Π_{k<z} carry_k) · state0.
+
+    A loop here would also do, but XLA allocates a loop's stacked outputs up front, and schedulers have
+    been seen creating those buffers for every layer at the start of the step."""
+    states = jnp.concatenate([state0[:, None], chunk_states], axis=1)           # [B, c+1, H, P, N]
+    log_steps = jnp.pad(jnp.moveaxis(log_carry, 1, 2), ((0, 0), (0, 0), (1, 0)))  # [B, H, c+1]
+    decay = jnp.exp(_segment_sum(log_steps))                                    # [B, H, c+1, c+1]
+    passed = jnp.einsum("bhzc,bchpn->bzhpn", decay, states)
+    return passed[:, :-1], passed[:, -1]
+
+
+def _pass_states_scan(log_carry, chunk_states, state0):
+    """The same recurrence, one chunk at a time: S ← carry_c · S + own_c."""
+    def step(carry, inputs):
+        log_decay, own = inputs
+        return jnp.exp(log_decay)[..., None, None] * carry + own, carry
+
+    final, before = jax.lax.scan(step, state0, (jnp.moveaxis(log_carry, 1, 0), jnp.moveaxis(chunk_states, 1, 0)))
+    return jnp.moveaxis(before, 0, 1), final
+
+
 def ssd_chunked(
     x: Float[Array, "B T H P"],
     dt: Float[Array, "B T H"],
@@ -129,18 +156,10 @@ def ssd_chunked(
 
     # 3. Pass states across chunks; the carry survives a chunk only if no document starts inside it.
     prev_last_seg = jnp.concatenate([seg[:, :1, :1], last_seg[:, :-1]], axis=1)  # [B, c, 1]
-    carry_decay = jnp.exp(cum_decay[..., -1]) * (last_seg == prev_last_seg)       # [B, c, H]
-    # zeros_like keeps the inputs' shard_map axis types, which the scan's carry must match.
+    log_carry = jnp.where(last_seg == prev_last_seg, cum_decay[..., -1], _NEG_INF)  # [B, c, H]
     state0 = jnp.zeros_like(chunk_states[:, 0]) if initial_state is None else initial_state.astype(f32)
-
-    def pass_state(carry, inputs):
-        decay, own = inputs
-        new = decay[..., None, None] * carry + own
-        return new, carry
-
-    final_state, states_before = jax.lax.scan(
-        pass_state, state0, (jnp.moveaxis(carry_decay, 1, 0), jnp.moveaxis(chunk_states, 1, 0)))
-    states_before = jnp.moveaxis(states_before, 0, 1)                        # [B, c, H, P, N]
+    pass_states = _pass_states_matrix if chunks <= _MAX_MATRIX_CHUNKS else _pass_states_scan
+    states_before, final_state = pass_states(log_carry, chunk_states, state0)  # [B, c, H, P, N], [B, H, P, N]
 
     # 4. Contribution of the incoming state to each token still in the incoming document.
     decay_from_start = jnp.exp(jnp.where((seg == prev_last_seg)[:, :, None], cum_decay, _NEG_INF))

@@ -29,6 +29,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
+from cascade_jax.ops.permute import sort_rows, unsort_rows
 from cascade_jax.parallel.rules import TOKEN_AXES, logical_to_spec
 
 STRATEGIES = ("local", "allgather", "all_to_all", "ragged_all_to_all")
@@ -93,15 +94,8 @@ def _local_ffn(rows, local_ids, num_local, ffn, up, down, repeat=1):
     i // repeat, and results come back in assignment order."""
     order = jnp.argsort(local_ids, stable=True)
     sizes = jnp.bincount(local_ids, length=num_local + 1)[:num_local]
-    out = unsort(ffn(rows[order // repeat], sizes, up, down), order)
+    out = unsort_rows(ffn(sort_rows(rows, order, repeat), sizes, up, down), order)
     return jnp.where((local_ids < num_local)[:, None], out, 0)   # kernels need not zero the tail
-
-
-def unsort(rows, order):
-    """Undo `rows = original[order]` with a gather by the inverse permutation. (Scattering into a zero
-    buffer does the same, but XLA may schedule that buffer's creation far ahead of its use.)"""
-    inverse = jnp.zeros_like(order).at[order].set(jnp.arange(order.shape[0], dtype=order.dtype))
-    return rows[inverse]
 
 
 def _combine(out, weights):
@@ -187,7 +181,7 @@ def _ragged_all_to_all(x, w, idx, up, down, *, ffn, num_experts, capacity_factor
     # Back: the rows from source s return to where s sent them from (its send offset towards me).
     their_offsets = (jnp.cumsum(table, axis=1) - table)[:, me]
     back = exchange(out, jnp.zeros_like(send), recv_offsets, recv_sizes, their_offsets, sizes)
-    results = unsort(back, order)
+    results = unsort_rows(back, order)
     return _reduce_tensor(_combine(results, w), tensor), jnp.zeros((), jnp.int32)
 
 

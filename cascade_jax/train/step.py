@@ -44,10 +44,11 @@ def _accumulate(state: TrainState, graphdef, batch, settings: StepSettings):
         (t, (c, l, d)), g = grad_fn(state.params, state.expert_bias, graphdef, micro_batch, settings.loss_chunk_size)
         return (jax.tree.map(jnp.add, grads, g), total + t, count + c, load + l, dropped + d), None
 
-    num_moe = sum(1 for _ in jax.tree.leaves(state.expert_bias))
-    num_experts = jax.tree.leaves(state.expert_bias)[0].shape[0] if num_moe else 0
+    # Rows of the expert-load metric: one per MoE layer (none for a dense pattern), read off the model.
+    load_shape = jax.eval_shape(lambda p, b, m: grad_fn(p, b, graphdef, m, settings.loss_chunk_size),
+                                state.params, state.expert_bias, jax.tree.map(lambda x: x[0], batch))[0][1][1].shape
     init = (jax.tree.map(jnp.zeros_like, state.params), jnp.zeros((), jnp.float32),
-            jnp.zeros((), jnp.float32), jnp.zeros((num_moe, num_experts), jnp.int32), jnp.zeros((), jnp.int32))
+            jnp.zeros((), jnp.float32), jnp.zeros(load_shape, jnp.int32), jnp.zeros((), jnp.int32))
     (grads, total, count, load, dropped), _ = jax.lax.scan(one, init, batch)
     return grads, total, count, load, dropped
 

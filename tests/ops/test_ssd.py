@@ -4,7 +4,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from cascade_jax.ops import ssd
 from cascade_jax.ops.ssd import ssd_chunked, ssd_reference
+
+
+@pytest.fixture(params=["matrix", "scan"], autouse=True)
+def state_passing(request, monkeypatch):
+    """Every test runs with both ways of passing states between chunks."""
+    monkeypatch.setattr(ssd, "_MAX_MATRIX_CHUNKS", 10**9 if request.param == "matrix" else 0)
 
 
 def _inputs(key, batch, length, heads, head_dim, groups, state):
