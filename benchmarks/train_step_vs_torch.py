@@ -33,6 +33,7 @@ from flax import nnx
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))   # the repo's cascade_jax, whatever the venv's editable install says
 import cascade_jax  # noqa: E402
+
 TORCH_PYTHON = "/work/venvs/ref311/bin/python"
 
 

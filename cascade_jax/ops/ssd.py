@@ -115,7 +115,7 @@ def ssd_chunked(
     The final state is the state after the last token.
     """
     batch, length, heads, head_dim = x.shape
-    groups, state_size = B.shape[2], B.shape[3]
+    groups = B.shape[2]
     f32 = jnp.float32
     if segment_ids is None:
         segment_ids = jnp.zeros((batch, length), jnp.int32)

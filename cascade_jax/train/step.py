@@ -41,8 +41,8 @@ def _accumulate(state: TrainState, graphdef, batch, settings: StepSettings):
 
     def one(carry, micro_batch):
         grads, total, count, load, dropped = carry
-        (t, (c, l, d)), g = grad_fn(state.params, state.expert_bias, graphdef, micro_batch, settings.loss_chunk_size)
-        return (jax.tree.map(jnp.add, grads, g), total + t, count + c, load + l, dropped + d), None
+        (t, (c, used, d)), g = grad_fn(state.params, state.expert_bias, graphdef, micro_batch, settings.loss_chunk_size)
+        return (jax.tree.map(jnp.add, grads, g), total + t, count + c, load + used, dropped + d), None
 
     # Rows of the expert-load metric: one per MoE layer (none for a dense pattern), read off the model.
     load_shape = jax.eval_shape(lambda p, b, m: grad_fn(p, b, graphdef, m, settings.loss_chunk_size),

@@ -10,8 +10,6 @@ import numpy as np
 from tools.convert_hf.__main__ import main
 
 
-
-
 def _fails(capsys, tmp_path, argv, message):
     out_parent = tmp_path / "out"
     assert main(argv + ["--no-progress"]) != 0

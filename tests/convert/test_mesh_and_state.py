@@ -6,7 +6,8 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 import cascade_jax as cj
 from cascade_jax.weights.orbax_params import CONFIG_FILE

@@ -8,8 +8,6 @@ from safetensors.numpy import load_file, save_file
 import cascade_jax as cj
 
 
-
-
 def test_sharded_checkpoint_with_index_and_model_prefix(hf_dir):
     tensors = load_file(hf_dir / "model.safetensors")
     names = sorted(tensors)

@@ -1,3 +1,5 @@
+from functools import partial
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -51,7 +53,8 @@ def test_matches_reference_with_documents(length, block_q, block_kv):
     q, k, v, d_out = _inputs(length, length, length)
     seg = _packed(length)
     scale = q.shape[-1] ** -0.5
-    flash = lambda q, k, v: flash_attention(q, k, v, seg, seg, 0, scale, block_q, block_kv)
+    flash = partial(flash_attention, segment_ids=seg, kv_segment_ids=seg, q_offset=0, scale=scale,
+                   block_q=block_q, block_kv=block_kv)
     got = _value_and_grads(flash, q, k, v, d_out)
     chex.assert_shape(got[0], q.shape)
     _assert_close(got, _value_and_grads(lambda q, k, v: _reference(q, k, v, seg, seg, 0), q, k, v, d_out))
@@ -68,7 +71,8 @@ def test_query_shard_with_traced_offset():
 
     @jax.jit
     def flash(q, d_out, seg_q, q_offset):
-        fn = lambda q, k, v: flash_attention(q, k, v, seg_q, seg, q_offset, scale, 3, 5)
+        fn = partial(flash_attention, segment_ids=seg_q, kv_segment_ids=seg, q_offset=q_offset, scale=scale,
+                       block_q=3, block_kv=5)
         return _value_and_grads(fn, q, k, v, d_out)
 
     reference = jax.jit(lambda d: _value_and_grads(lambda q, k, v: _reference(q, k, v, seg, seg, 0), q_all, k, v, d))
@@ -84,7 +88,8 @@ def test_rows_that_see_no_key_give_zeros():
     q, k, v, d_out = _inputs(5, 6, 10)
     seg = jnp.array([[1, 1, 9, 1, 9, 1]] * 2, jnp.int32)
     kv_seg = jnp.ones((2, 10), jnp.int32)
-    fn = lambda q, k, v: flash_attention(q, k, v, seg, kv_seg, 4, 8 ** -0.5, 4, 4)
+    fn = partial(flash_attention, segment_ids=seg, kv_segment_ids=kv_seg, q_offset=4, scale=8 ** -0.5,
+                   block_q=4, block_kv=4)
     out, (dq, dk, dv) = _value_and_grads(fn, q, k, v, d_out)
     empty = np.asarray(seg[0] == 9)
     for x in (out, dq, dk, dv):
@@ -101,10 +106,13 @@ def test_rows_that_see_no_key_give_zeros():
 def test_bfloat16_close_to_fp32_reference():
     q, k, v, d_out = _inputs(11, 40, 40, dtype=jnp.bfloat16)
     seg = _packed(40)
-    fn = lambda q, k, v: flash_attention(q, k, v, seg, seg, 0, 8 ** -0.5, 16, 16)
+    fn = partial(flash_attention, segment_ids=seg, kv_segment_ids=seg, q_offset=0, scale=8 ** -0.5,
+                   block_q=16, block_kv=16)
     got = _value_and_grads(fn, q, k, v, d_out)
     assert all(x.dtype == jnp.bfloat16 for x in jax.tree.leaves(got))
-    up = lambda x: x.astype(jnp.float32)
+    def up(x):
+        return x.astype(jnp.float32)
+
     want = _value_and_grads(lambda q, k, v: _reference(q, k, v, seg, seg, 0), up(q), up(k), up(v), d_out)
     _assert_close(got, want, rtol=2e-2, atol=2e-2)   # bf16 inputs, tiles and cotangent: ~1e-2 off
 

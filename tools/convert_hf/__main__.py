@@ -44,7 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    import absl.logging   # orbax logs through absl; keep the terminal to our bar and summary
+    import absl.logging  # orbax logs through absl; keep the terminal to our bar and summary
 
     absl.logging.set_verbosity(absl.logging.ERROR)
     dtype = _np_dtype(args.dtype)
