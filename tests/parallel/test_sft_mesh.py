@@ -41,3 +41,14 @@ def test_capacity_factor_reports_dropped_tokens(tmp_path):
     run_sft(load_sft_config(RECIPE, SMALL + MESH + [f"run_dir={tmp_path}", "train.steps=1",
                                                    "model.moe_capacity_factor=0.5"]))
     assert _metrics(tmp_path)[1]["dropped_tokens"] > 0
+
+
+@pytest.mark.slow
+def test_context_parallel_run_matches_one_device(tmp_path):
+    """Rows split over context=4 (conv halo, SSD state passing, gathered KV through flash attention)."""
+    context = ["mesh.fsdp=2", "mesh.context=4", "model.moe_dispatch=allgather", "model.attention_backend=flash"]
+    run_sft(load_sft_config(RECIPE, SMALL + [f"run_dir={tmp_path / 'one'}", "train.steps=2"]))
+    run_sft(load_sft_config(RECIPE, SMALL + context + [f"run_dir={tmp_path / 'cp'}", "train.steps=2"]))
+    one, cp = _metrics(tmp_path / "one"), _metrics(tmp_path / "cp")
+    for step in (1, 2):
+        assert abs(cp[step]["loss"] - one[step]["loss"]) <= 1e-4 * one[step]["loss"], (step, cp, one)
