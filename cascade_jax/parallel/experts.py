@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
-from cascade_jax.ops.permute import sort_rows, unsort_rows
+from cascade_jax.ops.permute import gather_rows, sort_rows, unsort_rows
 from cascade_jax.parallel.rules import TOKEN_AXES, logical_to_spec
 
 STRATEGIES = ("local", "allgather", "all_to_all", "ragged_all_to_all")
@@ -143,17 +143,17 @@ def _all_to_all(x, w, idx, up, down, *, ffn, num_experts, capacity_factor, token
     position = _ranks(dest, ep + 1)
     keep = routed & (position < capacity)
     slot = jnp.where(keep, dest * capacity + position, ep * capacity)   # out of range → dropped
-    # Which assignment fills each send slot (N·k = none), then a gather: no zero-filled [ep·capacity, D]
-    # buffer that a scheduler could create long before this layer runs.
+    # Which assignment fills each send slot (N·k = none): with both maps, sending and returning are gathers
+    # in both passes, so no zero-filled [ep·capacity, D] buffer exists for a scheduler to create early.
     filled_by = jnp.full((ep * capacity,), flat.shape[0], jnp.int32).at[slot].set(
         jnp.arange(flat.shape[0], dtype=jnp.int32), mode="drop")
-    send = jnp.take(x, filled_by // top_k, axis=0, mode="fill", fill_value=0)
+    send = gather_rows(x, filled_by, slot, top_k)
     send_ids = jnp.take(flat % num_local, filled_by, mode="fill", fill_value=num_local)
     recv = jax.lax.all_to_all(send.reshape(ep, capacity, -1), "expert", 0, 0)
     recv_ids = jax.lax.all_to_all(send_ids.reshape(ep, capacity), "expert", 0, 0)
     out = _local_ffn(recv.reshape(ep * capacity, -1), recv_ids.reshape(-1), num_local, ffn, up, down)
     back = jax.lax.all_to_all(out.reshape(ep, capacity, -1), "expert", 0, 0).reshape(ep * capacity, -1)
-    results = jnp.take(back, slot, axis=0, mode="fill", fill_value=0)
+    results = gather_rows(back, slot, filled_by)
     dropped = jax.lax.psum(jnp.sum(routed & ~keep, dtype=jnp.int32), token_axes)
     return _reduce_tensor(_combine(results, w), tensor), dropped
 
