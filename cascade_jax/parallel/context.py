@@ -130,8 +130,11 @@ def sequence_attention(q, k, v, segment_ids, backend: str = "xla", block_size: i
     spec_q = _spec(("batch", "length", heads, None), q.shape)
     spec_kv = _spec(("batch", "length", heads, None), k.shape)
     rows = _spec(("batch", "length"), segment_ids.shape)
-    # Each query block now meets R times more keys: shrink it so one block's scores stay the same size.
-    body = partial(_attention_body, backend=backend, block_size=max(16, block_size // ranks))
+    # The xla backend holds one query block's scores against every key, now R times as many keys: shrink
+    # its block so that stays the same size. Flash tiles keys too, so its blocks need not change.
+    if backend != "flash":
+        block_size = max(16, block_size // ranks)
+    body = partial(_attention_body, backend=backend, block_size=block_size)
     return jax.shard_map(body, in_specs=(spec_q, spec_kv, spec_kv, rows), out_specs=spec_q)(q, k, v, segment_ids)
 
 
