@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import tempfile
 import time
 
 H200_BYTES = 141e9
@@ -44,27 +45,35 @@ def _args(argv):
                    help="all_to_all slots per destination as a multiple of the balanced load (default: dropless)")
     p.add_argument("--loss-chunk", type=int, default=1024, help="tokens per device per lm_head/CE step")
     p.add_argument("--device-memory-gb", type=float, default=H200_BYTES / 1e9)
+    p.add_argument("--explain", type=int, default=0, metavar="N",
+                   help="also list the N operations holding the most memory at the peak (from XLA's dump)")
     return p.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _args(argv)
-    # Fake devices must be requested before JAX starts its CPU backend.
-    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
-                               f" --xla_force_host_platform_device_count={args.devices}").strip()
-    os.environ["JAX_PLATFORMS"] = "cpu"
-    from cascade_jax.cli.plan_step import plan_train_step
+    with tempfile.TemporaryDirectory(prefix="cascade-plan-") as dump_dir:
+        # Fake devices (and the dump) must be requested before JAX starts its CPU backend.
+        flags = f" --xla_force_host_platform_device_count={args.devices}"
+        if args.explain:
+            flags += f" --xla_dump_to={dump_dir} --xla_dump_hlo_module_re=.*train_step.*"
+        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + flags).strip()
+        os.environ["JAX_PLATFORMS"] = "cpu"
+        from cascade_jax.cli.plan_peak import format_breakdown, read_peak_breakdown
+        from cascade_jax.cli.plan_step import plan_train_step
 
-    start = time.perf_counter()
-    try:
-        report = plan_train_step(preset=args.preset, mesh_sizes=_parse_mesh(args.mesh), seq_len=args.seq_len,
-                                 rows=args.rows, micro_batches=args.micro_batches, remat=args.remat,
-                                 dtype=args.dtype, dispatch=args.dispatch, loss_chunk=args.loss_chunk,
-                                 capacity_factor=args.capacity_factor, attention=args.attention)
-    except ValueError as e:
-        print(f"cascade-plan: error: {e}", file=sys.stderr)
-        return 1
-    print(format_report(report, args.device_memory_gb * 1e9, time.perf_counter() - start))
+        start = time.perf_counter()
+        try:
+            report = plan_train_step(preset=args.preset, mesh_sizes=_parse_mesh(args.mesh), seq_len=args.seq_len,
+                                     rows=args.rows, micro_batches=args.micro_batches, remat=args.remat,
+                                     dtype=args.dtype, dispatch=args.dispatch, loss_chunk=args.loss_chunk,
+                                     capacity_factor=args.capacity_factor, attention=args.attention)
+        except ValueError as e:
+            print(f"cascade-plan: error: {e}", file=sys.stderr)
+            return 1
+        print(format_report(report, args.device_memory_gb * 1e9, time.perf_counter() - start))
+        if args.explain:
+            print(format_breakdown(read_peak_breakdown(dump_dir), args.explain))
     return 0
 
 

@@ -36,21 +36,30 @@ def _sum_loss(params, expert_bias, graphdef, micro_batch, chunk_size):
     return total, (count, out.expert_load, out.dropped_tokens)
 
 
-def _accumulate(state: TrainState, graphdef, batch, settings: StepSettings):
-    grad_fn = jax.value_and_grad(_sum_loss, has_aux=True)
+def _scaled_loss(params, expert_bias, graphdef, micro_batch, chunk_size, scale):
+    """The micro-batch's NLL sum times `scale` (1 / loss tokens of the whole batch), so its gradients need
+    no division afterwards: dividing would hold a second copy of every gradient at the step's peak."""
+    total, (_, load, dropped) = _sum_loss(params, expert_bias, graphdef, micro_batch, chunk_size)
+    return total * scale, (total, load, dropped)
+
+
+def _accumulate(state: TrainState, graphdef, batch, settings: StepSettings, scale):
+    grad_fn = jax.value_and_grad(_scaled_loss, has_aux=True)
+
+    def run(micro_batch):
+        return grad_fn(state.params, state.expert_bias, graphdef, micro_batch, settings.loss_chunk_size, scale)
 
     def one(carry, micro_batch):
-        grads, total, count, load, dropped = carry
-        (t, (c, used, d)), g = grad_fn(state.params, state.expert_bias, graphdef, micro_batch, settings.loss_chunk_size)
-        return (jax.tree.map(jnp.add, grads, g), total + t, count + c, load + used, dropped + d), None
+        grads, total, load, dropped = carry
+        (_, (t, used, d)), g = run(micro_batch)
+        return (jax.tree.map(jnp.add, grads, g), total + t, load + used, dropped + d), None
 
     # Rows of the expert-load metric: one per MoE layer (none for a dense pattern), read off the model.
-    load_shape = jax.eval_shape(lambda p, b, m: grad_fn(p, b, graphdef, m, settings.loss_chunk_size),
-                                state.params, state.expert_bias, jax.tree.map(lambda x: x[0], batch))[0][1][1].shape
+    load_shape = jax.eval_shape(run, jax.tree.map(lambda x: x[0], batch))[0][1][1].shape
     init = (jax.tree.map(jnp.zeros_like, state.params), jnp.zeros((), jnp.float32),
-            jnp.zeros((), jnp.float32), jnp.zeros(load_shape, jnp.int32), jnp.zeros((), jnp.int32))
-    (grads, total, count, load, dropped), _ = jax.lax.scan(one, init, batch)
-    return grads, total, count, load, dropped
+            jnp.zeros(load_shape, jnp.int32), jnp.zeros((), jnp.int32))
+    (grads, total, load, dropped), _ = jax.lax.scan(one, init, batch)
+    return grads, total, load, dropped
 
 
 def _rebalanced(expert_bias, load, rate):
@@ -67,9 +76,8 @@ def _rebalanced(expert_bias, load, rate):
 @partial(jax.jit, static_argnames=("graphdef", "tx", "settings"), donate_argnames=("state",))
 def train_step(state: TrainState, batch: dict, *, graphdef, tx: optax.GradientTransformation,
                settings: StepSettings) -> tuple[TrainState, dict]:
-    grads, total, count, load, dropped = _accumulate(state, graphdef, batch, settings)
-    count = jnp.maximum(count, 1.0)
-    grads = jax.tree.map(lambda g: g / count, grads)
+    count = jnp.maximum(jnp.sum(batch["loss_mask"], dtype=jnp.float32), 1.0)
+    grads, total, load, dropped = _accumulate(state, graphdef, batch, settings, 1.0 / count)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     new_state = TrainState(params=params, expert_bias=_rebalanced(state.expert_bias, load, settings.bias_update_rate),
