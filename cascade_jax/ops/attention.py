@@ -47,7 +47,7 @@ def _xla_attention(q, k, v, segment_ids, kv_segment_ids, q_offset, scale, block_
     length, kv_length = q.shape[1], k.shape[1]
     kv_index = jnp.broadcast_to(jnp.arange(kv_length), kv_segment_ids.shape)
     blocks = -(-length // block_size)
-    if kv_segment_ids is segment_ids and blocks <= _MAX_UNROLLED_BLOCKS:
+    if kv_segment_ids is segment_ids and blocks <= _MAX_UNROLLED_BLOCKS:   # self-attention: causal skipping
         outputs = []
         for start in range(0, length, block_size):
             end = min(length, start + block_size)
