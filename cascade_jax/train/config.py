@@ -13,6 +13,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from cascade_jax.data.config import ASSETS, DataConfig
+from cascade_jax.model.nemotron_h import Backends
 from cascade_jax.parallel.mesh import MeshConfig
 
 # `${bundled:tiny/sft.jsonl}` in a YAML file names a file shipped in cascade_jax/data/assets.
@@ -30,10 +31,7 @@ class ModelSection:
     dtype: str = "float32"          # compute dtype
     param_dtype: str = "float32"    # master weights (fp32 for training)
     remat: str = "none"             # none | full | dots
-    attention_backend: str = "xla"
-    grouped_matmul_backend: str = "xla"
-    moe_dispatch: str = "local"     # local | allgather | all_to_all | ragged_all_to_all (GPU/TPU); see parallel.experts
-    moe_capacity_factor: float | None = None   # all_to_all only: None = dropless buffer
+    backends: Backends = dataclasses.field(default_factory=Backends)   # kernels and MoE dispatch
 
 
 @dataclasses.dataclass

@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from cascade_jax.config import ModelConfig
 from cascade_jax.data import SFTData
-from cascade_jax.model.nemotron_h import Backends, NemotronH
+from cascade_jax.model.nemotron_h import NemotronH
 from cascade_jax.parallel import initialize_distributed, logical_to_spec, make_mesh, mesh_context, shard_batch
 from cascade_jax.train import evaluation
 from cascade_jax.train.checkpoint import RunCheckpoints
@@ -43,9 +43,7 @@ class TrainingDiverged(RuntimeError):
 def build_model(cfg: SFTConfig, seed: int, mesh: jax.sharding.Mesh | None = None) -> NemotronH:
     """With `mesh`, pretrained weights are read straight into their rule shardings."""
     m = cfg.model
-    backends = Backends(attention=m.attention_backend, grouped_matmul=m.grouped_matmul_backend,
-                        moe_dispatch=m.moe_dispatch, moe_capacity_factor=m.moe_capacity_factor)
-    kwargs = dict(dtype=jnp.dtype(m.dtype), backends=backends)
+    kwargs = dict(dtype=jnp.dtype(m.dtype), backends=m.backends)
     if m.from_pretrained:
         placement = {} if mesh is None else dict(
             mesh=mesh, partition=lambda _, v: logical_to_spec(v.logical_axes, v.shape, dict(mesh.shape)))

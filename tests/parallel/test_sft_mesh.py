@@ -17,7 +17,7 @@ SMALL = [
     "train.accuracy_eval_every=0", "train.eval_data=null", "optimizer.warmup_steps=2", "optimizer.lr=3e-3",
     "checkpoint.every=2", "checkpoint.async_save=false",
 ]
-MESH = ["mesh.fsdp=2", "mesh.expert=2", "mesh.tensor=2", "model.moe_dispatch=all_to_all"]
+MESH = ["mesh.fsdp=2", "mesh.expert=2", "mesh.tensor=2", "model.backends.moe_dispatch=all_to_all"]
 
 
 def _metrics(run_dir):
@@ -39,14 +39,14 @@ def test_mesh_run_matches_one_device_and_resumes(tmp_path):
 @pytest.mark.slow
 def test_capacity_factor_reports_dropped_tokens(tmp_path):
     run_sft(load_sft_config(RECIPE, SMALL + MESH + [f"run_dir={tmp_path}", "train.steps=1",
-                                                   "model.moe_capacity_factor=0.5"]))
+                                                   "model.backends.moe_capacity_factor=0.5"]))
     assert _metrics(tmp_path)[1]["dropped_tokens"] > 0
 
 
 @pytest.mark.slow
 def test_context_parallel_run_matches_one_device(tmp_path):
     """Rows split over context=4 (conv halo, SSD state passing, gathered KV through flash attention)."""
-    context = ["mesh.fsdp=2", "mesh.context=4", "model.moe_dispatch=allgather", "model.attention_backend=flash"]
+    context = ["mesh.fsdp=2", "mesh.context=4", "model.backends.moe_dispatch=allgather", "model.backends.attention=flash"]
     run_sft(load_sft_config(RECIPE, SMALL + [f"run_dir={tmp_path / 'one'}", "train.steps=2"]))
     run_sft(load_sft_config(RECIPE, SMALL + context + [f"run_dir={tmp_path / 'cp'}", "train.steps=2"]))
     one, cp = _metrics(tmp_path / "one"), _metrics(tmp_path / "cp")

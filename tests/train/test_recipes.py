@@ -18,4 +18,4 @@ def test_recipe_loads(path):
 
 def test_nano_recipe_is_the_planned_mesh():
     config = load_sft_config(str(RECIPES[0].parent / "nano-30b-a3b.yaml"))
-    assert config.mesh.context == 8 and config.model.attention_backend == "flash"
+    assert config.mesh.context == 8 and config.model.backends.attention == "flash"
