@@ -2,9 +2,14 @@
 
 `grouped_matmul(x, w, group_sizes)` computes out[r] = x[r] @ w[g(r)], where rows 0..sizes[0]-1 belong
 to group 0, the next sizes[1] rows to group 1, and so on. Rows past sum(group_sizes) give 0.
+
+Backends are chosen by name (`Backends.grouped_matmul`); `register_backend` adds one (cascade-plan's
+stand-in for XLA:CPU does), `backend_names()` lists them.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -52,7 +57,30 @@ def _tokamax(x, w, group_sizes, preferred_element_type):
     return tokamax.ragged_dot(x, w, group_sizes, preferred_element_type=preferred_element_type)
 
 
-_BACKENDS = {"xla": _xla, "ragged_dot": _ragged_dot, "tiled": _tiled, "tokamax": _tokamax}
+# fn(x [R, I], w [E, I, O] in x's dtype, group_sizes [E] int32, preferred_element_type) -> [R, O]
+GroupedMatmulFn = Callable[..., jax.Array]
+
+_BACKENDS: dict[str, GroupedMatmulFn] = {"xla": _xla, "ragged_dot": _ragged_dot, "tiled": _tiled,
+                                         "tokamax": _tokamax}
+
+
+def register_backend(name: str, fn: GroupedMatmulFn) -> None:
+    """Make `fn` selectable as `grouped_matmul(..., backend=name)`. Registering the same function under
+    the same name again is a no-op; a different function under a name already taken is a ValueError."""
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"grouped_matmul backend name: expected a non-empty string, got {name!r}")
+    if not callable(fn):
+        raise ValueError(f"grouped_matmul backend {name!r}: expected a callable, got {type(fn).__name__}")
+    existing = _BACKENDS.get(name)
+    if existing is not None and existing is not fn:
+        raise ValueError(f"grouped_matmul backend {name!r} is already registered "
+                         f"(to {getattr(existing, '__qualname__', existing)}); pick another name")
+    _BACKENDS[name] = fn
+
+
+def backend_names() -> tuple[str, ...]:
+    """The registered backend names, sorted."""
+    return tuple(sorted(_BACKENDS))
 
 
 def grouped_matmul(
@@ -63,7 +91,7 @@ def grouped_matmul(
 ) -> Float[Array, "R O"]:
     """Accumulates in fp32 and returns x's dtype."""
     if backend not in _BACKENDS:
-        raise ValueError(f"grouped_matmul backend {backend!r}: expected one of {sorted(_BACKENDS)}")
+        raise ValueError(f"grouped_matmul backend {backend!r}: expected one of {list(backend_names())}")
     out = _BACKENDS[backend](x, w.astype(x.dtype), group_sizes.astype(jnp.int32), jnp.float32)
     return out.astype(x.dtype)
 

@@ -40,3 +40,40 @@ def test_tiled_gradients_match_reference(tile):
     naive = jax.grad(lambda a, b: jnp.sum(grouped_matmul_reference(a, b, sizes) * probe), argnums=(0, 1))
     for g, g_ref in zip(tiled(x, w), naive(x, w)):
         np.testing.assert_allclose(g, g_ref, rtol=1e-5, atol=1e-5)
+
+
+def test_register_backend_adds_a_selectable_backend_and_refuses_to_overwrite():
+    from cascade_jax.ops import grouped_matmul as ops
+
+    calls = []
+
+    def doubled(x, w, group_sizes, preferred_element_type):
+        calls.append(preferred_element_type)
+        return 2 * ops._tiled(x, w, group_sizes, preferred_element_type)
+
+    name = "test_doubled"
+    assert name not in ops.backend_names()
+    ops.register_backend(name, doubled)
+    try:
+        assert name in ops.backend_names() and list(ops.backend_names()) == sorted(ops.backend_names())
+        ops.register_backend(name, doubled)   # the same function again: a no-op
+        x = jax.random.normal(jax.random.key(0), (7, 4))
+        w = jax.random.normal(jax.random.key(1), (3, 4, 2))
+        sizes = jnp.array([2, 0, 5], jnp.int32)
+        np.testing.assert_allclose(grouped_matmul(x, w, sizes, name), 2 * grouped_matmul_reference(x, w, sizes),
+                                   rtol=1e-5, atol=1e-5)
+        assert calls == [jnp.float32]          # accumulation type passed through
+        with pytest.raises(ValueError, match="already registered"):
+            ops.register_backend(name, lambda *a: None)
+        with pytest.raises(ValueError, match="already registered"):
+            ops.register_backend("xla", doubled)   # built-ins are protected too
+        with pytest.raises(ValueError, match="callable"):
+            ops.register_backend("test_not_callable", 3)
+    finally:
+        ops._BACKENDS.pop(name, None)
+
+
+def test_unknown_backend_lists_the_registered_ones():
+    x, w, sizes = jnp.ones((2, 3)), jnp.ones((1, 3, 2)), jnp.array([2], jnp.int32)
+    with pytest.raises(ValueError, match=r"'nope': expected one of \[.*'tiled'.*\]"):
+        grouped_matmul(x, w, sizes, "nope")
