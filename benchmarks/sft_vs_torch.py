@@ -27,7 +27,7 @@ from cascade_jax.train.config import load_sft_config  # noqa: E402
 from cascade_jax.train.optimizer import build_optimizer  # noqa: E402
 from cascade_jax.train.sft import build_model  # noqa: E402
 from cascade_jax.train.state import init_train_state  # noqa: E402
-from cascade_jax.train.step import StepSettings, train_step  # noqa: E402
+from cascade_jax.train.step import NextTokenLoss, train_step  # noqa: E402
 
 ROOT = os.path.join(os.path.dirname(__file__), "..")
 TORCH_PYTHON = os.environ.get("REF_PYTHON", "/work/venvs/ref311/bin/python")
@@ -50,16 +50,16 @@ def time_ours(cfg, batches, steps):
     model = build_model(cfg, 0)
     tx = build_optimizer(cfg.optimizer, 1000)
     graphdef, state = init_train_state(model, tx, 0)
-    settings = StepSettings(loss_chunk_size=cfg.train.loss_chunk_size, bias_update_rate=cfg.moe.bias_update_rate)
+    settings = dict(loss_fn=NextTokenLoss(cfg.train.loss_chunk_size), bias_update_rate=cfg.moe.bias_update_rate)
     one = lambda i: {k: v[i % len(v)][None] for k, v in batches.items()}  # noqa: E731
     t0 = time.perf_counter()
-    state, metrics = train_step(state, one(0), graphdef=graphdef, tx=tx, settings=settings)
+    state, metrics = train_step(state, one(0), graphdef=graphdef, tx=tx, **settings)
     jax.block_until_ready(metrics)
     compile_s = time.perf_counter() - t0
     times = []
     for i in range(1, steps + 1):
         t0 = time.perf_counter()
-        state, metrics = train_step(state, one(i), graphdef=graphdef, tx=tx, settings=settings)
+        state, metrics = train_step(state, one(i), graphdef=graphdef, tx=tx, **settings)
         jax.block_until_ready(metrics)
         times.append(time.perf_counter() - t0)
     return model.config, times, compile_s

@@ -1,7 +1,7 @@
-"""Periodic evaluation during SFT: held-out loss, and held-out task accuracy by greedy answers.
+"""Held-out evaluation of a train state: loss on a chat set, and task accuracy by greedy answers.
 
-Accuracy uses the bundled verifiable tasks: each record holds a prompt and a verifier spec (boxed
-number, instruction constraints, multiple choice, unit tests), scored by `cascade_jax.data.tasks`.
+Accuracy uses verifiable tasks: each record holds a prompt and a verifier spec (boxed number, instruction
+constraints, multiple choice, unit tests), scored by `cascade_jax.data.tasks`.
 """
 
 from __future__ import annotations
@@ -13,11 +13,9 @@ import numpy as np
 from flax import nnx
 
 from cascade_jax.data import ChatTokenizer, SFTData
-from cascade_jax.data.config import SourceConfig
+from cascade_jax.data.config import DataConfig, SourceConfig
 from cascade_jax.data.tasks import verify
 from cascade_jax.inference.greedy import greedy_generate
-from cascade_jax.train.config import SFTConfig
-from cascade_jax.train.metrics import MetricsWriter
 from cascade_jax.train.state import TrainState
 from cascade_jax.train.step import eval_loss_sums
 
@@ -26,57 +24,60 @@ def read_task_prompts(path: str, limit: int) -> list[dict]:
     """The first `limit` records of a JSONL file of prompts with `verifier` specs."""
     records = []
     with open(path) as f:
-        for line in f:
-            if line.strip():
-                records.append(json.loads(line))
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{number}: not valid JSON ({e.msg})") from None
+            if not isinstance(record, dict) or "messages" not in record or "verifier" not in record:
+                raise ValueError(f"{path}:{number}: expected an object with 'messages' and 'verifier'")
+            records.append(record)
             if len(records) == limit:
                 break
     return records
 
 
-class Evaluator:
-    def __init__(self, cfg: SFTConfig, tokenizer: ChatTokenizer, graphdef: nnx.GraphDef):
-        self.cfg, self.tokenizer, self.graphdef = cfg, tokenizer, graphdef
-        t = cfg.train
-        self.loss_data = None
-        if t.eval_data and t.eval_every > 0:
-            self.loss_data = dataclasses.replace(
-                cfg.data, sources=[SourceConfig(paths=[t.eval_data], name="eval")], num_epochs=1.0,
-                shuffle=False, shuffle_rows=False, drop_remainder=False, worker_count=0)
-        self.tasks = []
-        if t.accuracy_eval_every > 0 and t.accuracy_eval_tasks:
-            self.tasks = read_task_prompts(t.accuracy_eval_tasks, t.accuracy_eval_samples)
+def held_out_data(data: DataConfig, path: str) -> DataConfig:
+    """The run's data settings (tokenizer, packing, max_len) on a held-out file, read once in order."""
+    return dataclasses.replace(data, sources=[SourceConfig(paths=[path], name="eval")], num_epochs=1.0,
+                               shuffle=False, shuffle_rows=False, drop_remainder=False, worker_count=0)
 
-    def run(self, state: TrainState, step: int, writer: MetricsWriter) -> dict[str, float]:
-        t, results = self.cfg.train, {}
-        if self.loss_data is not None and step % t.eval_every == 0:
-            results["eval_loss"] = self.loss(state)
-        if self.tasks and step % t.accuracy_eval_every == 0:
-            results.update(self.accuracy(state))
-        if results:
-            writer.write(step, results)
-        return results
 
-    def loss(self, state: TrainState) -> float:
+class HeldOutLoss:
+    """Token-level mean loss over the first `batches` batches of a held-out set."""
+
+    def __init__(self, data: DataConfig, tokenizer: ChatTokenizer, graphdef: nnx.GraphDef, loss_fn, batches: int):
+        self.data, self.tokenizer, self.graphdef = data, tokenizer, graphdef
+        self.loss_fn, self.batches = loss_fn, batches
+
+    def __call__(self, state: TrainState, step: int) -> dict[str, float]:
         total, count = 0.0, 0.0
-        iterator = iter(SFTData(self.loss_data, self.tokenizer))
-        for _ in range(self.cfg.train.eval_batches):
+        iterator = iter(SFTData(self.data, self.tokenizer))
+        for _ in range(self.batches):
             try:
                 batch = next(iterator)
             except StopIteration:
                 break
-            s, c = eval_loss_sums(state.params, state.expert_bias, batch, graphdef=self.graphdef,
-                                  chunk_size=self.cfg.train.loss_chunk_size)
+            s, c = eval_loss_sums(state.params, state.expert_bias, batch, graphdef=self.graphdef, loss_fn=self.loss_fn)
             total, count = total + float(s), count + float(c)
-        return total / max(count, 1.0)
+        return {"eval_loss": total / max(count, 1.0)}
 
-    def accuracy(self, state: TrainState) -> dict[str, float]:
-        """eval_accuracy: fraction fully solved (reward 1); eval_reward: mean verifier reward (partial credit)."""
+
+class TaskAccuracy:
+    """eval_accuracy: fraction fully solved (reward 1); eval_reward: mean verifier reward (partial credit)."""
+
+    def __init__(self, tasks: list[dict], tokenizer: ChatTokenizer, graphdef: nnx.GraphDef, *,
+                 thinking: bool, max_new_tokens: int):
+        self.tasks, self.tokenizer, self.graphdef = tasks, tokenizer, graphdef
+        self.max_new_tokens = max_new_tokens
+        self.prompts = [tokenizer.encode_prompt(r["messages"], r.get("tools"), enable_thinking=thinking)
+                        for r in tasks]
+
+    def __call__(self, state: TrainState, step: int) -> dict[str, float]:
         model = nnx.merge(self.graphdef, state.params, state.expert_bias)
-        prompts = [self.tokenizer.encode_prompt(r["messages"], r.get("tools"),
-                                                enable_thinking=self.cfg.train.accuracy_thinking)
-                   for r in self.tasks]
-        answers = greedy_generate(model, prompts, self.cfg.train.accuracy_max_new_tokens, [self.tokenizer.eos_id])
+        answers = greedy_generate(model, self.prompts, self.max_new_tokens, [self.tokenizer.eos_id])
         rewards = [verify(self.tokenizer.decode(a, skip_special_tokens=True), r["verifier"])
                    for a, r in zip(answers, self.tasks)]
         return {"eval_accuracy": float(np.mean(np.asarray(rewards) >= 1.0)), "eval_reward": float(np.mean(rewards))}

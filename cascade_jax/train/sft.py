@@ -1,43 +1,36 @@
-"""The SFT loop: model + packed data + optimizer → train steps, metrics, evaluation, checkpoints.
+"""SFT: a model, packed chat data and the next-token loss, run by the shared `TrainLoop`.
 
-Side effects live here; the math is in `step.py`. A run directory holds config.yaml, model_config.json,
-metrics.jsonl, tensorboard/ and checkpoints/. Re-running the same command resumes from the newest
-checkpoint that restores, on the same data batches.
+A run directory follows the checkpoint contract (`cascade_jax.weights.orbax_params`): cascade_config.json
+(the model), config.yaml (this run's config), checkpoints/<step>/{state,data}, metrics.jsonl, tensorboard/,
+and complete.json once the run has reached its last step or the end of its data. Re-running the same
+command resumes from the newest checkpoint that restores, on the same data batches.
 """
 
 from __future__ import annotations
 
 import json
-import logging
-import math
 import os
-import signal
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from tqdm import tqdm
 
 from cascade_jax.config import ModelConfig
 from cascade_jax.data import SFTData
 from cascade_jax.model.nemotron_h import NemotronH
-from cascade_jax.parallel import initialize_distributed, logical_to_spec, make_mesh, mesh_context, shard_batch
-from cascade_jax.train import evaluation
-from cascade_jax.train.checkpoint import RunCheckpoints
-from cascade_jax.train.config import SFTConfig, to_yaml
-from cascade_jax.train.metrics import MetricsWriter, peak_flops_per_device, train_flops_per_token
+from cascade_jax.parallel import initialize_distributed, make_mesh, mesh_context, shard_batch
+from cascade_jax.train.config import RunConfigError, SFTConfig, math_changes, to_yaml
+from cascade_jax.train.evaluation import HeldOutLoss, TaskAccuracy, held_out_data, read_task_prompts
+from cascade_jax.train.loop import Evaluation, LoopResult, TrainingDiverged, TrainLoop, read_complete
+from cascade_jax.train.metrics import peak_flops_per_device, train_flops_per_token
 from cascade_jax.train.optimizer import build_optimizer, learning_rate_schedule
 from cascade_jax.train.state import init_sharded_train_state, init_train_state, shard_train_state
-from cascade_jax.train.step import StepSettings, train_step
+from cascade_jax.train.step import NextTokenLoss, train_step
+from cascade_jax.weights import orbax_params
 from cascade_jax.weights.load import load_pretrained
 
-log = logging.getLogger(__name__)
-
-
-class TrainingDiverged(RuntimeError):
-    """The loss or gradient became NaN/inf; the last good checkpoint is kept."""
+__all__ = ["TrainingDiverged", "build_model", "check_resume", "run_sft"]
 
 
 def build_model(cfg: SFTConfig, seed: int, mesh: jax.sharding.Mesh | None = None) -> NemotronH:
@@ -45,38 +38,11 @@ def build_model(cfg: SFTConfig, seed: int, mesh: jax.sharding.Mesh | None = None
     m = cfg.model
     kwargs = dict(dtype=jnp.dtype(m.dtype), backends=m.backends)
     if m.from_pretrained:
-        placement = {} if mesh is None else dict(
-            mesh=mesh, partition=lambda _, v: logical_to_spec(v.logical_axes, v.shape, dict(mesh.shape)))
-        model = load_pretrained(m.from_pretrained, param_dtype=jnp.dtype(m.param_dtype), **kwargs, **placement)
+        model = load_pretrained(m.from_pretrained, param_dtype=jnp.dtype(m.param_dtype), mesh=mesh, **kwargs)
         model.remat = m.remat
         return model
     config = ModelConfig.preset(m.preset).replace(**m.overrides)
     return NemotronH(config, rngs=nnx.Rngs(seed), param_dtype=jnp.dtype(m.param_dtype), remat=m.remat, **kwargs)
-
-
-class _StopRequest:
-    """SIGTERM/SIGINT set a flag; the loop saves a checkpoint at the end of the current step and exits."""
-
-    def __init__(self):
-        self.signal = None
-        self._previous = {}
-
-    def __enter__(self):
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            self._previous[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def _handle(self, signum, _frame):
-        self.signal = signal.Signals(signum).name
-
-    def __exit__(self, *exc):
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-
-
-def _next_batch(iterator, micro_batches: int) -> dict[str, np.ndarray]:
-    slices = [next(iterator) for _ in range(micro_batches)]
-    return {k: np.stack([s[k] for s in slices]) for k in slices[0]}
 
 
 def _document_tokens(segment_ids: np.ndarray) -> tuple[int, int]:
@@ -90,7 +56,7 @@ def _document_tokens(segment_ids: np.ndarray) -> tuple[int, int]:
 
 
 def _initial_state(cfg: SFTConfig, tx, mesh):
-    """(graphdef, TrainState, ModelConfig): on one device as before, or created already sharded."""
+    """(graphdef, TrainState, ModelConfig): on one device, or created already sharded."""
     seed = cfg.train.seed
     if mesh is None:
         model = build_model(cfg, seed)
@@ -102,11 +68,91 @@ def _initial_state(cfg: SFTConfig, tx, mesh):
     return graphdef, state, nnx.merge(graphdef, state.params, state.expert_bias).config
 
 
-def run_sft(cfg: SFTConfig) -> dict:
-    """Train; returns the last logged metrics. Raises TrainingDiverged on a non-finite loss.
+class SFTTask:
+    """The SFT side of the loop: `micro_batches` packed batches per step, the jitted step, FLOP counts."""
+
+    def __init__(self, cfg: SFTConfig, data: SFTData, graphdef, tx, model_config: ModelConfig, mesh):
+        self.cfg, self.data, self.iterator = cfg, data, iter(data)
+        self.graphdef, self.tx, self.mesh, self.model_config = graphdef, tx, mesh, model_config
+        self.loss_fn = NextTokenLoss(cfg.train.loss_chunk_size)
+        self.schedule = learning_rate_schedule(cfg.optimizer, cfg.train.steps)
+
+    def next_batch(self, state, step: int) -> dict[str, np.ndarray]:
+        slices = [next(self.iterator) for _ in range(self.cfg.train.micro_batches)]
+        return {k: np.stack([s[k] for s in slices]) for k in slices[0]}
+
+    def train(self, state, batch):
+        placed = batch if self.mesh is None else shard_batch(batch, self.mesh)
+        step = int(state.step)
+        state, metrics = train_step(state, placed, graphdef=self.graphdef, tx=self.tx, loss_fn=self.loss_fn,
+                                    bias_update_rate=self.cfg.moe.bias_update_rate)
+        metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+        tokens, squares = _document_tokens(batch["segment_ids"])
+        metrics.update(lr=float(self.schedule(step)), tokens=float(tokens),
+                       flops=train_flops_per_token(self.model_config, squares / max(tokens, 1)) * tokens)
+        return state, metrics
+
+    def data_state(self) -> dict:
+        return self.iterator.get_state()
+
+    def restore_data(self, data_state: dict) -> None:
+        self.iterator.set_state(data_state)
+
+
+def _evaluations(cfg: SFTConfig, data: SFTData, graphdef, loss_fn) -> tuple[Evaluation, ...]:
+    t, out = cfg.train, []
+    if t.eval_data and t.eval_every > 0:
+        held_out = held_out_data(cfg.data, t.eval_data)
+        out.append(Evaluation(t.eval_every, HeldOutLoss(held_out, data.tokenizer, graphdef, loss_fn, t.eval_batches)))
+    if t.accuracy_eval_tasks and t.accuracy_eval_every > 0:
+        tasks = read_task_prompts(t.accuracy_eval_tasks, t.accuracy_eval_samples)
+        out.append(Evaluation(t.accuracy_eval_every, TaskAccuracy(
+            tasks, data.tokenizer, graphdef, thinking=t.accuracy_thinking, max_new_tokens=t.accuracy_max_new_tokens)))
+    return tuple(out)
+
+
+def check_resume(cfg: SFTConfig) -> dict | None:
+    """Before anything is built: refuse a resume whose config changes the math (unless allowed), and say
+    whether the run is already complete. Returns the complete.json record of a finished run, else None."""
+    checkpoints = os.path.join(cfg.run_dir, "checkpoints")
+    if not os.path.isdir(checkpoints) or not any(n.isdigit() for n in os.listdir(checkpoints)):
+        return None
+    if not cfg.resume:
+        raise RunConfigError(f"{cfg.run_dir}: holds checkpoints of an earlier run; resume it (drop --no-resume), "
+                             f"or choose a new run_dir")
+    recorded = os.path.join(cfg.run_dir, "config.yaml")
+    if os.path.isfile(recorded):
+        with open(recorded) as f:
+            changes = math_changes(f.read(), cfg)
+        if changes and not cfg.allow_config_change:
+            listed = "; ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in changes.items())
+            raise RunConfigError(f"{cfg.run_dir}: resuming with a config that changes the math ({listed}); rerun "
+                                 f"with the run's config.yaml, pass --allow-config-change, or use a new run_dir")
+        if changes:
+            _record_changes(cfg, changes)
+    complete = read_complete(cfg.run_dir)
+    return complete if complete is not None and complete["steps"] == cfg.train.steps else None
+
+
+def _record_changes(cfg: SFTConfig, changes: dict) -> None:
+    if jax.process_index() != 0:
+        return
+    with open(os.path.join(cfg.run_dir, "config_changes.jsonl"), "a") as f:
+        f.write(json.dumps({"changes": {k: list(v) for k, v in changes.items()}}) + "\n")
+    with open(os.path.join(cfg.run_dir, "config.yaml"), "w") as f:
+        f.write(to_yaml(cfg))
+
+
+def run_sft(cfg: SFTConfig) -> LoopResult:
+    """Train (or resume) to `train.steps`; raises TrainingDiverged on a non-finite loss.
 
     With `mesh` sizes other than all-1 the state is sharded over a device mesh (joining a multi-host job
     first when the environment describes one; see `cascade_jax.parallel.distributed`)."""
+    complete = check_resume(cfg)
+    if complete is not None:
+        return LoopResult(step=complete["step"], steps=cfg.train.steps, reason="already_complete", metrics={},
+                          checkpoint_steps=sorted(int(n) for n in os.listdir(os.path.join(cfg.run_dir, "checkpoints"))
+                                                  if n.isdigit()))
     mesh = None
     if not cfg.mesh.is_single_device():
         initialize_distributed()
@@ -115,70 +161,30 @@ def run_sft(cfg: SFTConfig) -> dict:
         return _run(cfg, mesh)
 
 
-def _run(cfg: SFTConfig, mesh) -> dict:
+def _run(cfg: SFTConfig, mesh) -> LoopResult:
     t = cfg.train
-    os.makedirs(cfg.run_dir, exist_ok=True)
-    if jax.process_index() == 0:
-        with open(os.path.join(cfg.run_dir, "config.yaml"), "w") as f:
-            f.write(to_yaml(cfg))
-    tx = build_optimizer(cfg.optimizer, t.steps)
-    schedule = learning_rate_schedule(cfg.optimizer, t.steps)
-    graphdef, state, model_config = _initial_state(cfg, tx, mesh)
-    if jax.process_index() == 0:
-        with open(os.path.join(cfg.run_dir, "model_config.json"), "w") as f:
-            json.dump(model_config.to_hf(), f, indent=2)
-    settings = StepSettings(loss_chunk_size=t.loss_chunk_size, bias_update_rate=cfg.moe.bias_update_rate)
-
     data = SFTData(cfg.data)
-    iterator = iter(data)
-    checkpoints = RunCheckpoints(os.path.join(cfg.run_dir, "checkpoints"), every=cfg.checkpoint.every,
-                                 keep=cfg.checkpoint.keep, async_save=cfg.checkpoint.async_save)
-    start = 0
-    if cfg.resume:
-        restored = checkpoints.restore_latest(state)
-        if restored is not None:
-            start, state, data_state = restored
-            iterator.set_state(data_state)
-            log.info("resumed from step %d", start)
-    evaluator = evaluation.Evaluator(cfg, data.tokenizer, graphdef)
-    writer = MetricsWriter(cfg.run_dir, enabled=jax.process_index() == 0)
+    tx = build_optimizer(cfg.optimizer, t.steps)
+    graphdef, state, model_config = _initial_state(cfg, tx, mesh)
+    task = SFTTask(cfg, data, graphdef, tx, model_config, mesh)
+    record = _run_record(cfg, model_config)
     peak = peak_flops_per_device(t.peak_flops_per_device)
-    last: dict = {}
-    window_tokens, window_flops, window_start = 0, 0.0, time.perf_counter()
-    try:
-        with _StopRequest() as stop, tqdm(total=t.steps, initial=start, desc="sft", unit="step",
-                                          dynamic_ncols=True) as bar:
-            if start == 0:
-                last.update(evaluator.run(state, 0, writer))
-            for step in range(start + 1, t.steps + 1):
-                batch = _next_batch(iterator, t.micro_batches)
-                data_state = iterator.get_state()
-                placed = batch if mesh is None else shard_batch(batch, mesh)
-                state, metrics = train_step(state, placed, graphdef=graphdef, tx=tx, settings=settings)
-                metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
-                if not (math.isfinite(metrics["loss"]) and math.isfinite(metrics["grad_norm"])):
-                    raise TrainingDiverged(
-                        f"step {step}: loss {metrics['loss']}, grad norm {metrics['grad_norm']}; stopping with "
-                        f"the last good checkpoint at step {max(checkpoints.steps(), default=0)}")
-                tokens, squares = _document_tokens(batch["segment_ids"])
-                window_tokens += tokens
-                window_flops += train_flops_per_token(model_config, squares / max(tokens, 1)) * tokens
-                if step % t.log_every == 0 or step == t.steps or stop.signal:
-                    elapsed = time.perf_counter() - window_start
-                    metrics.update(lr=float(schedule(step - 1)), tokens_per_s=window_tokens / elapsed)
-                    if peak:
-                        metrics["mfu"] = window_flops / elapsed / (peak * jax.device_count())
-                    writer.write(step, metrics)
-                    bar.set_postfix(loss=f"{metrics['loss']:.4f}", tok_s=f"{metrics['tokens_per_s']:.0f}")
-                    last = metrics
-                    window_tokens, window_flops, window_start = 0, 0.0, time.perf_counter()
-                bar.update(1)
-                last.update(evaluator.run(state, step, writer))
-                checkpoints.save(step, state, data_state, force=bool(stop.signal) or step == t.steps)
-                if stop.signal:
-                    tqdm.write(f"{stop.signal}: saved a checkpoint at step {step}; exiting")
-                    break
-    finally:
-        checkpoints.close()
-        writer.close()
-    return last
+    loop = TrainLoop(cfg.run_dir, steps=t.steps, checkpoint=cfg.checkpoint, log_every=t.log_every,
+                     resume=cfg.resume, evaluations=_evaluations(cfg, data, graphdef, task.loss_fn),
+                     run_record=record, peak_flops=peak * jax.device_count() if peak else None, desc="sft")
+    _, result = loop.run(task, state)
+    return result
+
+
+def _run_record(cfg: SFTConfig, model_config: ModelConfig) -> dict[str, str]:
+    """config.yaml and cascade_config.json, written when the run has its first batch."""
+    generation = orbax_params.default_generation_config(model_config)
+    if cfg.model.from_pretrained:
+        source = os.path.join(cfg.model.from_pretrained, "generation_config.json")
+        if os.path.isfile(source):
+            with open(source) as f:
+                generation = json.load(f)
+        elif orbax_params.is_checkpoint(cfg.model.from_pretrained):
+            generation = orbax_params.read_config(cfg.model.from_pretrained).get("generation_config") or generation
+    return {"config.yaml": to_yaml(cfg),
+            orbax_params.CONFIG_FILE: orbax_params.config_text(model_config, cfg.model.param_dtype, generation)}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 
 import jax
@@ -17,24 +18,31 @@ from cascade_jax.weights.placement import param_sharding
 from cascade_jax.weights.safetensors_dir import DTYPES, CheckpointError, SafetensorsDir
 from cascade_jax.weights.validate import abstract_state, check_names, check_shapes
 
+log = logging.getLogger(__name__)
+
 
 def load_pretrained(path: str | os.PathLike, *, dtype=jnp.float32, param_dtype=None,
                     backends: Backends = Backends(), strict: bool = True,
                     mesh: jax.sharding.Mesh | None = None, partition=None) -> NemotronH:
-    """Load an HF directory (config.json + safetensors, original `backbone.*` names) or an Orbax
-    checkpoint written by `python -m tools.convert_hf to-jax` (or a trainer; see `orbax_params`).
+    """Load an HF directory (config.json + safetensors, original `backbone.*` names) or any checkpoint of
+    the project's contract (`orbax_params`): a converted checkpoint, a trainer's run directory (its newest
+    step that restores) or one step of it. Only parameters and router biases are read, never optimizer state.
 
     `param_dtype=None` keeps the checkpoint's dtype (A_log, D and the router bias stay fp32 in any case).
     With `strict`, HF tensors the model does not use are an error (`mtp.*` is always ignored).
     With `mesh`, each parameter is placed straight into its NamedSharding and each device reads only
-    its own rows (HF) or slices (Orbax); `partition` chooses the specs (see `placement`; default replicated).
+    its own rows (HF) or slices (Orbax); by default the specs come from the logical-axis rules table
+    (`cascade_jax.parallel.rules`), and `partition` overrides them (see `placement`).
     """
     path = os.fspath(path)
     if os.path.isfile(os.path.join(path, "config.json")):
         return _load_hf(path, dtype, param_dtype, backends, strict, mesh, partition)
-    if orbax_params.is_orbax_dir(path):
+    if os.path.isdir(path) and orbax_params.is_checkpoint(path):
         return _load_orbax(path, dtype, param_dtype, backends, mesh, partition)
-    raise CheckpointError(f"{path}: not an HF model directory (no config.json) nor an Orbax checkpoint")
+    if not os.path.isdir(path):
+        raise CheckpointError(f"{path}: no such directory")
+    raise CheckpointError(f"{path}: neither an HF model directory (config.json + safetensors) nor a cascade_jax "
+                          f"checkpoint ({orbax_params.CONFIG_FILE} beside params/ or checkpoints/<step>/state/)")
 
 
 def _load_hf(path, dtype, param_dtype, backends, strict, mesh, partition) -> NemotronH:
@@ -57,22 +65,35 @@ def _load_hf(path, dtype, param_dtype, backends, strict, mesh, partition) -> Nem
 
 
 def _load_orbax(path, dtype, param_dtype, backends, mesh, partition) -> NemotronH:
-    record = orbax_params.read_config(path)
-    config = record["model_config"]
-    source = orbax_params.ParamsSource(path)
-    graphdef, flat = abstract_state(config, param_dtype or np.dtype(record.get("dtype", "float32")),
-                                    dtype=dtype, backends=backends)
+    failure = None
+    for record, source in orbax_params.open_params(path):
+        graphdef, flat = abstract_state(record["model_config"],
+                                        param_dtype or np.dtype(record.get("dtype", "float32")),
+                                        dtype=dtype, backends=backends)
+        abstract = _abstract_leaves(source, flat, mesh, partition)
+        try:
+            restored = source.restore(abstract)
+        except CheckpointError as e:   # a corrupt or partial step: the one before may restore
+            log.warning("%s; trying the step before", e)
+            failure = e
+            continue
+        for param_path, target in flat.items():
+            target.set_value(restored[orbax_params.tree_key(param_path)].astype(target.dtype))
+        return nnx.merge(graphdef, nnx.from_flat_state(flat))
+    raise failure
+
+
+def _abstract_leaves(source, flat, mesh, partition) -> dict:
+    """Each wanted leaf as a ShapeDtypeStruct in its target sharding; names and shapes checked first."""
     abstract = {}
     for param_path, target in flat.items():
         key = orbax_params.tree_key(param_path)
         if key not in source.leaves:
-            raise CheckpointError(f"{path}: missing parameter {'/'.join(key)}")
+            raise CheckpointError(f"{source.directory}: missing parameter {'/'.join(key)}")
         shape, stored_dtype = source.leaves[key]
         if shape != tuple(target.shape):
-            raise CheckpointError(f"{path}: parameter {'/'.join(key)} has shape {shape}, expected {tuple(target.shape)}")
+            raise CheckpointError(f"{source.directory}: parameter {'/'.join(key)} has shape {shape}, "
+                                  f"expected {tuple(target.shape)}")
         abstract[key] = jax.ShapeDtypeStruct(shape, stored_dtype,
                                              sharding=param_sharding(mesh, partition, param_path, target))
-    restored = source.restore(abstract)
-    for param_path, target in flat.items():
-        target.set_value(restored[orbax_params.tree_key(param_path)].astype(target.dtype))
-    return nnx.merge(graphdef, nnx.from_flat_state(flat))
+    return abstract

@@ -1,20 +1,24 @@
-"""Orbax parameter checkpoints: the directory written by `tools.convert_hf to-jax` and read by
-`load_pretrained` and `to-hf`.
+"""Orbax parameter checkpoints: the one contract between the trainers, `load_pretrained`, `to-hf` and a
+later stage's starting point.
 
-Layout of a converted checkpoint:
+Every checkpoint names its model in one file, `cascade_config.json`:
+`{"format": "cascade_jax.params", "model_config": {...ModelConfig fields...}, "dtype": "float32",
+"generation_config": {...}}`. Two layouts hold the parameters:
 
-    CKPT_DIR/
-      cascade_config.json   {"format": "cascade_jax.params", "model_config": {...ModelConfig fields...},
-                             "dtype": "bfloat16", "generation_config": {...}}
-      params/               an Orbax PyTree checkpoint (OCDBT + zarr3, uncompressed)
+    converted (tools.convert_hf to-jax)      run directory (cascade-sft, cascade-rl)
+      CKPT/cascade_config.json                 RUN/cascade_config.json
+      CKPT/params/   Orbax tree of the          RUN/config.yaml              the run's full config
+                     NNX parameter state        RUN/checkpoints/<step>/state  Orbax TrainState: params,
+                                                                              expert_bias, opt_state, step, rng
+                                                RUN/checkpoints/<step>/data   data-iterator state (JSON)
+                                                RUN/metrics.jsonl, RUN/tensorboard/
 
-The tree mirrors the NNX state of `NemotronH` as nested dicts with string keys:
-`{"layers": {"1": {"mixer": {"up_proj": Array[E, D, F]}}}, "embeddings": {"embedding": ...}, ...}`.
-
-A trainer checkpoint is accepted too (by `to-hf` and `load_pretrained`): any Orbax PyTree directory (the
-one holding `_METADATA`, or a folder up to two levels above it) whose tree holds the same parameter tree
-under a top-level `params` or `model` key (or at the root). Leaves saved as NNX variables (`.../value`)
-are accepted. Its ModelConfig comes from a `cascade_config.json` in the directory or up to two parents.
+A reader accepts CKPT, RUN (its newest step that restores), RUN/checkpoints, RUN/checkpoints/<step> or that
+step's state/. In a TrainState the router correction biases live in `expert_bias` (they are updated by load
+balancing, not by gradients) beside `params`; both are read, the optimizer state never is. Trees are
+nested dicts with string keys mirroring the NNX state of `NemotronH`
+(`{"layers": {"1": {"mixer": {"up_proj": ...}}}}`); leaves saved as NNX variables (`.../value`) and a
+parameter tree under `model` or at the root are accepted too.
 
 Writing streams: `tools.convert_hf.to_jax` saves the whole tree in one Orbax call whose leaves are read
 from the HF checkpoint block by block (`streamed_save`), so no parameter is ever whole in memory; storage
@@ -26,7 +30,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import jax
@@ -35,10 +41,16 @@ import numpy as np
 from cascade_jax.config import ModelConfig
 from cascade_jax.weights.safetensors_dir import CheckpointError
 
+log = logging.getLogger(__name__)
+
 CONFIG_FILE = "cascade_config.json"
 PARAMS_DIR = "params"
+CHECKPOINTS_DIR = "checkpoints"
+STATE_DIR = "state"
 _FORMAT = "cascade_jax.params"
-_PARAM_ROOTS = (("params",), ("model",), ())
+# Where the parameter tree sits in a checkpoint's tree, tried in order: a TrainState (router biases
+# beside the parameters), a tree under `model`, the root (a converted checkpoint).
+_PARAM_LAYOUTS = ((("params",), ("expert_bias",)), (("model",),), ((),))
 
 
 def tree_key(path: tuple) -> tuple[str, ...]:
@@ -46,59 +58,149 @@ def tree_key(path: tuple) -> tuple[str, ...]:
     return tuple(str(p) for p in path)
 
 
+def default_generation_config(config: ModelConfig) -> dict:
+    """What a checkpoint without its own generation_config.json generates with: the config's special tokens."""
+    eos = list(config.eos_token_id) if isinstance(config.eos_token_id, tuple) else config.eos_token_id
+    return {"bos_token_id": config.bos_token_id, "eos_token_id": eos, "pad_token_id": config.pad_token_id}
+
+
+def config_text(config: ModelConfig, dtype, generation_config: dict) -> str:
+    """The cascade_config.json of a checkpoint whose parameters are stored in `dtype`."""
+    model_config = dataclasses.asdict(config)
+    model_config["time_step_limit"] = [_json_float(v) for v in config.time_step_limit]
+    record = {"format": _FORMAT, "model_config": model_config, "dtype": np.dtype(dtype).name,
+              "generation_config": generation_config}
+    return json.dumps(record, indent=2, allow_nan=False) + "\n"
+
+
+def _json_float(value: float) -> float | str:
+    """Strict JSON has no Infinity: write "inf" (read back by `float`)."""
+    return value if np.isfinite(value) else str(value)
+
+
 def write_config(directory: str | os.PathLike, config: ModelConfig, dtype, generation_config: dict) -> None:
-    record = {"format": _FORMAT, "model_config": dataclasses.asdict(config),
-              "dtype": np.dtype(dtype).name, "generation_config": generation_config}
-    Path(directory, CONFIG_FILE).write_text(json.dumps(record, indent=2) + "\n")
+    Path(directory, CONFIG_FILE).write_text(config_text(config, dtype, generation_config))
 
 
-def read_config(directory: str | os.PathLike) -> dict:
-    """The cascade_config.json of `directory` or of up to two parents (trainer step folders)."""
-    for folder in [Path(directory), *list(Path(directory).resolve().parents)[:2]]:
-        file = folder / CONFIG_FILE
-        if file.is_file():
-            try:
-                record = json.loads(file.read_text())
-                record["model_config"] = ModelConfig(**record["model_config"])
-                return record
-            except (json.JSONDecodeError, KeyError, TypeError) as e:
-                raise CheckpointError(f"{file}: not a valid {CONFIG_FILE} ({e})") from None
-    raise CheckpointError(f"{directory}: no {CONFIG_FILE} here or in the two folders above")
+@dataclasses.dataclass(frozen=True)
+class Checkpoint:
+    """A checkpoint path resolved: its cascade_config.json record and the Orbax trees that may hold its
+    parameters, newest first (a run directory lists every step; the first that restores is used)."""
+
+    path: Path
+    config_file: Path
+    pytree_dirs: tuple[Path, ...]
+
+    def read_config(self) -> dict:
+        try:
+            record = json.loads(self.config_file.read_text())
+            model_config = dict(record["model_config"])
+            if isinstance(model_config.get("time_step_limit"), list):
+                model_config["time_step_limit"] = tuple(float(v) for v in model_config["time_step_limit"])
+            record["model_config"] = ModelConfig(**model_config)
+            return record
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+            raise CheckpointError(f"{self.config_file}: not a valid {CONFIG_FILE} ({e})") from None
 
 
-def is_orbax_dir(directory: str | os.PathLike) -> bool:
-    return (Path(directory) / CONFIG_FILE).is_file() or bool(_pytree_dirs(Path(directory)))
+def locate(path: str | os.PathLike) -> Checkpoint:
+    """Resolve any path the contract accepts (see the module docstring); one-line CheckpointError otherwise."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such directory")
+    if (path / CHECKPOINTS_DIR).is_dir():                                      # RUN
+        return _in_run(path, path, _step_dirs(path / CHECKPOINTS_DIR))
+    if _step_dirs(path):                                                       # RUN/checkpoints
+        return _in_run(path, path.parent, _step_dirs(path))
+    if path.name.isdigit() and (path / STATE_DIR / "_METADATA").is_file():    # RUN/checkpoints/<step>
+        return _in_run(path, path.parent.parent, [path])
+    if path.name == STATE_DIR and (path / "_METADATA").is_file() and path.parent.name.isdigit():
+        return _in_run(path, path.parent.parent.parent, [path.parent])          # RUN/checkpoints/<step>/state
+    if (path / PARAMS_DIR / "_METADATA").is_file():                           # CKPT
+        return Checkpoint(path, _config_file(path, path), (path / PARAMS_DIR,))
+    if (path / "_METADATA").is_file():                                         # any Orbax tree beside a config
+        home = next((p for p in (path, path.parent) if (p / CONFIG_FILE).is_file()), path)
+        return Checkpoint(path, _config_file(path, home), (path,))
+    raise CheckpointError(f"{path}: not a checkpoint (expected {CONFIG_FILE} with {PARAMS_DIR}/, or a run "
+                          f"directory with {CHECKPOINTS_DIR}/<step>/{STATE_DIR}/)")
 
 
-def _pytree_dirs(root: Path) -> list[Path]:
-    found = [root] if (root / "_METADATA").is_file() else []
-    for depth_pattern in ("*", "*/*"):
-        found += sorted(p.parent for p in root.glob(f"{depth_pattern}/_METADATA"))
-    return found
+def is_checkpoint(path: str | os.PathLike) -> bool:
+    try:
+        locate(path)
+        return True
+    except CheckpointError:
+        return False
+
+
+def _step_dirs(folder: Path) -> list[Path]:
+    """Finished steps (Orbax renames a step into place when it is complete), newest first."""
+    steps = [p for p in folder.iterdir() if p.is_dir() and p.name.isdigit()] if folder.is_dir() else []
+    return sorted(steps, key=lambda p: int(p.name), reverse=True)
+
+
+def _in_run(path: Path, run_dir: Path, steps: list[Path]) -> Checkpoint:
+    trees = tuple(s / STATE_DIR for s in steps if (s / STATE_DIR / "_METADATA").is_file())
+    if not trees:
+        raise CheckpointError(f"{path}: a run directory with no finished checkpoint yet "
+                              f"(nothing in {run_dir / CHECKPOINTS_DIR})")
+    return Checkpoint(path, _config_file(path, run_dir), trees)
+
+
+def _config_file(path: Path, home: Path) -> Path:
+    file = home / CONFIG_FILE
+    if not file.is_file():
+        raise CheckpointError(f"{path}: no {CONFIG_FILE} in {home}")
+    return file
+
+
+def open_params(path: str | os.PathLike) -> Iterator[tuple[dict, ParamsSource]]:
+    """(config record, parameter source) for each Orbax tree of a checkpoint path, newest first. A tree
+    whose metadata does not read is reported and skipped; the caller stops at the first it can use."""
+    checkpoint = locate(path)
+    record = checkpoint.read_config()
+    for tree in checkpoint.pytree_dirs:
+        try:
+            source = ParamsSource(tree)
+        except CheckpointError as e:
+            if len(checkpoint.pytree_dirs) == 1:
+                raise
+            log.warning("%s; trying the step before", e)
+            continue
+        yield record, source
+    if len(checkpoint.pytree_dirs) > 1:
+        raise CheckpointError(f"{path}: none of its {len(checkpoint.pytree_dirs)} checkpoints is readable")
+
+
+def read_config(path: str | os.PathLike) -> dict:
+    """The cascade_config.json record of any checkpoint path, its `model_config` as a ModelConfig."""
+    return locate(path).read_config()
 
 
 class ParamsSource:
     """Parameter leaves of an Orbax checkpoint: shapes and dtypes from metadata, values on request."""
 
-    def __init__(self, directory: str | os.PathLike):
+    def __init__(self, pytree_dir: str | os.PathLike):
+        """`pytree_dir`: one Orbax tree, e.g. an entry of `locate(path).pytree_dirs`."""
         import orbax.checkpoint as ocp
 
-        self.directory = os.fspath(directory)
+        self.pytree_dir = Path(pytree_dir)
+        self.directory = os.fspath(pytree_dir)
         self._checkpointer = ocp.PyTreeCheckpointer()
         self._ts_context = None
-        candidates = _pytree_dirs(Path(directory))
-        if not candidates:
-            raise CheckpointError(f"{directory}: not an Orbax checkpoint (no _METADATA within two levels)")
-        for candidate in candidates:
-            leaves = self._leaves(candidate)
-            for root in _PARAM_ROOTS:
-                params = {k[len(root):]: v for k, v in leaves.items() if k[:len(root)] == root}
-                params = {(k[:-1] if k[-1] == "value" else k): v for k, v in params.items()}
-                if ("embeddings", "embedding") in params:
-                    self.pytree_dir, self._root, self.leaves = candidate, root, params
-                    self._value_suffix = any(k[-1] == "value" for k in leaves)
-                    return
-        raise CheckpointError(f"{directory}: no parameter tree (embeddings/embedding under params, model or the root)")
+        leaves = self._leaves(self.pytree_dir)
+        for layout in _PARAM_LAYOUTS:
+            found = {}   # parameter key → (shape, dtype), full key in the tree
+            for root in layout:
+                for key, leaf in leaves.items():
+                    if key[:len(root)] == root:
+                        name = key[len(root):-1] if key[-1] == "value" else key[len(root):]
+                        found[name] = (leaf, key)
+            if ("embeddings", "embedding") in found:
+                self.leaves = {k: leaf for k, (leaf, _) in found.items()}
+                self._full_keys = {k: full for k, (_, full) in found.items()}
+                return
+        raise CheckpointError(f"{pytree_dir}: no parameter tree (embeddings/embedding under params, model or the root)")
 
     def _leaves(self, pytree_dir: Path) -> dict[tuple[str, ...], tuple[tuple[int, ...], np.dtype]]:
         try:
@@ -130,7 +232,7 @@ class ParamsSource:
                                   f"({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
 
     def _full_key(self, key: tuple[str, ...]) -> tuple[str, ...]:
-        return self._root + key + (("value",) if self._value_suffix else ())
+        return self._full_keys[key]
 
     def restore(self, abstract: dict[tuple[str, ...], jax.ShapeDtypeStruct]) -> dict[tuple[str, ...], jax.Array]:
         """Read the given leaves (each with its target sharding); Orbax reads only each device's slices."""

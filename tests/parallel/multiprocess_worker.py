@@ -35,7 +35,7 @@ def main():
     from cascade_jax.train.config import OptimizerSection
     from cascade_jax.train.optimizer import build_optimizer
     from cascade_jax.train.state import init_sharded_train_state
-    from cascade_jax.train.step import StepSettings, train_step
+    from cascade_jax.train.step import NextTokenLoss, train_step
     from tests.parallel.helpers import small_model
 
     mesh = make_mesh(MeshConfig(fsdp=2, expert=-1))
@@ -53,7 +53,7 @@ def main():
             rows = sorted({i for idx in index.values() for i in range(*idx[1].indices(8)[:2])})
             local = {k: v[:, rows[0]:rows[-1] + 1] for k, v in full.items()}
             state, metrics = train_step(state, shard_batch(local, mesh), graphdef=graphdef, tx=tx,
-                                        settings=StepSettings(loss_chunk_size=64))
+                                        loss_fn=NextTokenLoss(64))
             losses.append(float(metrics["loss"]))
     print("LOSSES " + json.dumps(losses), flush=True)
     jax.distributed.shutdown() if args.num_processes > 1 else None

@@ -12,7 +12,7 @@ import numpy as np
 import tensorstore as ts
 
 from cascade_jax.weights.hf_mapping import copy_into, hf_row_axis, hf_rules, hf_shapes, to_hf
-from cascade_jax.weights.orbax_params import ParamsSource, read_config, tree_key
+from cascade_jax.weights.orbax_params import ParamsSource, open_params, tree_key
 from cascade_jax.weights.safetensors_dir import CheckpointError, dtype_name
 from cascade_jax.weights.safetensors_writer import ShardedSafetensorsWriter, TensorEntry
 from cascade_jax.weights.streamed_save import BLOCK_BYTES, block_ranges
@@ -26,9 +26,8 @@ def convert_to_hf(ckpt_dir, out_dir, *, max_shard_bytes: int = 5 * 10**9, dtype=
                   overwrite: bool = False, progress: bool = True) -> str:
     """Convert; returns the summary line. `dtype=None` keeps the checkpoint's parameter dtype
     (A_log, D and e_score_correction_bias are always written as F32)."""
-    record = read_config(ckpt_dir)
+    record, source = next(open_params(ckpt_dir))   # a run directory: its newest readable step
     config = record["model_config"]
-    source = ParamsSource(ckpt_dir)
     rules = hf_rules(config)
     _, flat = abstract_state(config)
     _check_leaves(source, rules, flat)
