@@ -34,14 +34,18 @@ class RunCheckpoints:
         return self._manager.save(step, args=ocp.args.Composite(
             state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state)), force=force)
 
+    def restore(self, step: int, abstract_state: TrainState) -> tuple[TrainState, dict]:
+        """(state, data_state) of one step, in the shardings of `abstract_state`."""
+        target = jax.tree.map(ocp.utils.to_shape_dtype_struct, abstract_state)
+        restored = self._manager.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(target), data=ocp.args.JsonRestore()))
+        return restored["state"], restored["data"]
+
     def restore_latest(self, abstract_state: TrainState) -> tuple[int, TrainState, dict] | None:
         """(step, state, data_state) of the newest checkpoint that restores, or None if there is none."""
-        target = jax.tree.map(ocp.utils.to_shape_dtype_struct, abstract_state)
         for step in reversed(self.steps()):
             try:
-                restored = self._manager.restore(step, args=ocp.args.Composite(
-                    state=ocp.args.StandardRestore(target), data=ocp.args.JsonRestore()))
-                return step, restored["state"], restored["data"]
+                return step, *self.restore(step, abstract_state)
             except Exception as e:  # corrupt or partial: fall back to the one before
                 log.warning("checkpoint at step %d does not restore (%s: %s); trying the previous one",
                             step, type(e).__name__, str(e).splitlines()[0] if str(e) else "")
