@@ -24,6 +24,8 @@ import time
 
 import jax
 
+from cascade_jax.cli.plan_peak import format_breakdown, read_peak_breakdown
+from cascade_jax.cli.plan_step import PlanError, batch_shape, check_model_section, model_config_of, plan_train_step
 from cascade_jax.config import ModelConfig
 from cascade_jax.parallel.mesh import AXES, MeshConfigError
 from cascade_jax.train.config import RunConfigError, SFTConfig, load_sft_config
@@ -235,8 +237,6 @@ class Plan:
 
 def resolve(args, parser: argparse.ArgumentParser) -> Plan:
     """Command line → run config + devices; usage mistakes exit through parser.error (one line)."""
-    from cascade_jax.cli.plan_step import PlanError, batch_shape, check_model_section, model_config_of
-
     base = [] if args.config else [f"{k}={v}" for k, v in FLAG_DEFAULTS.items()]
     try:
         run = _load(args.config, base + list(args.overrides) + _flag_overrides(args))
@@ -293,9 +293,6 @@ def main(argv: list[str] | None = None) -> int:
             flags += f" --xla_dump_to={dump_dir} --xla_dump_hlo_module_re=.*train_step.*"
         kept = re.sub(r"--xla_force_host_platform_device_count=\S*", "", os.environ.get("XLA_FLAGS", ""))
         os.environ["XLA_FLAGS"] = (kept + flags).strip()
-        from cascade_jax.cli.plan_peak import format_breakdown, read_peak_breakdown
-        from cascade_jax.cli.plan_step import plan_train_step
-
         if jax.device_count() != plan.devices:
             print(f"cascade-plan: error: JAX already started in this process with {jax.device_count()} devices, "
                   f"the plan needs {plan.devices}; run cascade-plan in a fresh process", file=sys.stderr)
@@ -335,12 +332,13 @@ def format_report(r: dict, device_bytes: float, seconds: float) -> str:
     fits = r["total_bytes"] <= device_bytes
     mesh = ",".join(f"{a}={s}" for a, s in r["mesh"].items()) or "none"
     lines = [
-        f"model {r['name']}: {format_count(r['params'])} parameters, {format_count(r['active_params'])} active"
-        + (f"  (run config: {r['source']})" if r.get("source") else ""),
-        f"mesh {mesh} on {_plural(r['devices'], 'device')}; {r['rows']} rows × {r['seq_len']} tokens × "
+        f"model {r['name']}: {format_count(r['params'])} parameters, {format_count(r['active_params'])} active",
+        *([f"run config: {r['source']}"] if r.get("source") else []),
+        f"mesh {mesh} on {_plural(r['devices'], 'device')}; {_plural(r['rows'], 'row')} × {r['seq_len']} tokens × "
         f"{_plural(r['micro_batches'], 'micro-batch', 'es')}; remat={r['remat']}, compute {r['dtype']}, "
         f"attention={r['attention']}, dispatch={r['dispatch']}"
-        + (f" (capacity factor {r['capacity_factor']})" if r["capacity_factor"] else " (dropless)")
+        + ((f" (capacity factor {r['capacity_factor']})" if r["capacity_factor"] else " (dropless)")
+           if r["dispatch"] == "all_to_all" else "")
         + f", loss chunk {r['loss_chunk']}",
         "per device:",
         f"  parameters ({r['param_dtype']})".ljust(27) + _bytes(r["param_bytes"]),
@@ -349,7 +347,8 @@ def format_report(r: dict, device_bytes: float, seconds: float) -> str:
         f"  activations/temporaries  {_bytes(r['temp_bytes'])}",
         f"  outputs not aliased      {_bytes(r['output_bytes'] - r['alias_bytes'])}",
         f"  total                    {_bytes(r['total_bytes'])}",
-        f"FLOPs per token: XLA {_flops(r['flops_per_token'])} (loop bodies counted once) vs 6·N_active "
+        f"FLOPs per token: XLA {_flops(r['flops_per_token'])} (of one micro-batch; inner loop bodies counted once) "
+        f"vs 6·N_active "
         f"{_flops(r['six_n_active'])} (+ attention {_flops(r['attention_flops'])})",
         f"fits in {device_bytes / 1e9:.0f} GB: {'yes' if fits else 'NO'}  (compiled in {seconds:.0f} s)",
     ]

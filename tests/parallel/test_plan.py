@@ -80,6 +80,16 @@ def test_step_memory_covers_its_state(replicated_and_sharded):
     assert "fits in 141 GB: yes" in text and "model tiny: 1.77M parameters" in text
 
 
+def test_micro_batches_keep_the_state_and_the_per_token_flops(replicated_and_sharded):
+    _, eight = replicated_and_sharded
+    two = _plan("mesh.fsdp=8", "train.micro_batches=2")
+    assert two["micro_batches"] == 2
+    assert (two["param_bytes"], two["opt_bytes"]) == (eight["param_bytes"], eight["opt_bytes"])
+    assert two["argument_bytes"] > eight["argument_bytes"]   # the batch is twice as large
+    # The scan over micro-batches is counted once by XLA: FLOPs per token are those of one micro-batch.
+    assert two["flops_per_token"] == pytest.approx(eight["flops_per_token"], rel=0.05)
+
+
 def test_plan_rejects_a_mesh_that_does_not_divide():
     with pytest.raises(ValueError):
         _plan("mesh.fsdp=3")   # 8 devices in this process
@@ -93,7 +103,7 @@ def test_plan_rejects_rows_that_do_not_split():
 def _report_lines(text):
     """The per-device byte lines and FLOPs line of a printed report (header and timing left out)."""
     lines = text.splitlines()
-    return [line for line in lines[2:] if not line.startswith("fits in")]
+    return [line for line in lines[lines.index("per device:"):] if not line.startswith("fits in")]
 
 
 def test_config_plans_the_same_step_as_the_equivalent_flags(capsys, monkeypatch):
@@ -108,7 +118,8 @@ def test_config_plans_the_same_step_as_the_equivalent_flags(capsys, monkeypatch)
     from_config = capsys.readouterr().out
     assert _report_lines(from_config) == _report_lines(from_flags)
     assert "mesh fsdp=8 on 8 devices; 8 rows × 128 tokens × 1 micro-batch;" in from_config
-    assert f"(run config: {TINY_YAML} mesh.fsdp=8" in from_config
+    assert f"\nrun config: {TINY_YAML} mesh.fsdp=8 data.max_len=128" in from_config
+    assert "run config" not in from_flags
 
 
 def _parse(*argv):
