@@ -226,12 +226,13 @@ def _load(path: str | None, overrides: list[str]) -> SFTConfig:
 
 @dataclasses.dataclass
 class Plan:
-    """What main() compiles: the run config, its device count, the global rows and a description."""
+    """What main() compiles: the run config, its model config, the device count, the global rows per
+    micro-batch and where the config came from (for the report)."""
 
     run: SFTConfig
     model_config: ModelConfig
     devices: int
-    rows: int | None
+    rows: int
     source: str
 
 
