@@ -31,7 +31,6 @@ from cascade_jax.train.config import CheckpointSection
 from cascade_jax.train.metrics import MetricsWriter
 
 COMPLETE_FILE = "complete.json"
-COUNTERS = ("tokens", "flops")   # per-step sums a task reports for throughput; not logged as metrics
 
 
 class TrainingDiverged(RuntimeError):
