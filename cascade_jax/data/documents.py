@@ -21,14 +21,14 @@ still made one after another, so the output and the states are the same either w
 from __future__ import annotations
 
 import itertools
-from concurrent.futures import Future, ThreadPoolExecutor
+import threading
 from typing import Any
 
 import grain
 import numpy as np
 
 from cascade_jax.data import chat_template as ct
-from cascade_jax.data.records import BAD_MESSAGE, NOTHING_TO_TRAIN, TOO_LONG, BadSample, SkipLog, chat_sample
+from cascade_jax.data.records import BAD_MESSAGE, NOTHING_TO_TRAIN, TOO_LONG, BadSample, PassGuard, SkipLog, chat_sample
 from cascade_jax.data.tokenize import LOSS_ON, ChatTokenizer
 
 TOO_LONG_MODES = ("drop", "truncate")
@@ -48,46 +48,79 @@ class DocumentIterDataset(grain.IterDataset):
                             chunk_size=chunk_size, log_first=log_first, background=background)
 
     def __iter__(self) -> "_DocumentIterator":
-        return _DocumentIterator(self._parent.__iter__(), self.tokenizer, **self.options)
+        # The record stream says how long one pass over its records is (after any worker slicing).
+        pass_info = getattr(self._parent, "pass_info", None)
+        return _DocumentIterator(self._parent.__iter__(), self.tokenizer, pass_info=pass_info and pass_info(),
+                                 **self.options)
 
     def __str__(self) -> str:
         return "DocumentIterDataset"
 
 
+class _Job:
+    """One call of ``fn`` in a daemon thread. ``result()`` waits for it (a signal handler's exception
+    still interrupts the wait) and returns its value or raises its exception; nothing ever joins the
+    thread, so closing an iterator or exiting never waits on a slow read."""
+
+    def __init__(self, fn):
+        self._done = threading.Event()
+        self._value: Any = None
+        self._error: BaseException | None = None
+        threading.Thread(target=self._run, args=(fn,), name="cascade-tokenize", daemon=True).start()
+
+    def _run(self, fn) -> None:
+        try:
+            self._value = fn()
+        except BaseException as e:  # noqa: BLE001 - handed to the consumer by result()
+            self._error = e
+        finally:
+            self._done.set()
+
+    def result(self):
+        self._done.wait()
+        if self._error is not None:
+            raise self._error
+        return self._value
+
+
 class _DocumentIterator(grain.DatasetIterator):
     def __init__(self, parent, tokenizer: ChatTokenizer, *, max_len, too_long, loss_on, strict,
-                 chunk_size, log_first, background):
+                 chunk_size, log_first, background, pass_info=None):
         super().__init__(parent)
         self._tok = tokenizer
         self._max_len, self._too_long, self._loss_on = max_len, too_long, loss_on
         self._chunk_size = chunk_size
         self.skips = SkipLog(strict=strict, log_first=log_first, what="SFT sample")
         self.truncated = 0
+        self.documents = 0  # made by this iterator (not part of the state)
         self._buf: list[dict] = []
         self._pos = 0
-        self._chunk_state = self._parent.get_state()
+        self._chunk_state = self._start_state = self._parent.get_state()
         self._chunk_counts = self._counts()
-        # One background thread prepares the next chunk (parse, render, tokenize: the tokenizer
-        # releases the GIL) while this one packs; chunks are still made strictly in order.
-        self._pool = ThreadPoolExecutor(1, thread_name_prefix="cascade-tokenize") if background else None
-        self._future: Future | None = None
+        self._guard = PassGuard(pass_info, hints={
+            TOO_LONG: "check the files, the chat format or data.max_len (too_long: drop skips longer samples)"})
+        # A background thread prepares the next chunk (parse, render, tokenize: the tokenizer releases
+        # the GIL) while this one packs; chunks are still made strictly one after another.
+        self._background = background
+        self._job: _Job | None = None
 
     def _counts(self) -> dict[str, int]:
         return {**self.skips.counts, "truncated": self.truncated}
 
     def _next_chunk(self):
-        if self._pool is None:
+        if not self._background:
             return self._prepare()
-        if self._future is None:
-            self._future = self._pool.submit(self._prepare)
-        result = self._future.result()
-        self._future = self._pool.submit(self._prepare) if result[1] is not None else None
+        job = self._job or _Job(self._prepare)
+        self._job = job
+        result = job.result()  # an interrupted wait leaves the job in place for the next call
+        self._job = _Job(self._prepare) if result[1] is not None else None
         return result
 
     def __next__(self) -> dict:
         while self._pos >= len(self._buf):
             state, chunk = self._next_chunk()
-            if chunk is None:
+            if chunk is None:  # the end of a finite stream: the state becomes the end's
+                self._chunk_state, self._chunk_counts, self._buf, self._pos = state, self._counts(), [], 0
                 raise StopIteration
             self._use(state, chunk)
         doc = self._buf[self._pos]
@@ -95,12 +128,18 @@ class _DocumentIterator(grain.DatasetIterator):
         return doc
 
     def _use(self, state, chunk) -> None:
-        """Makes a prepared chunk current: counts (and logs, or in strict mode raises on) its skips."""
-        docs, events, truncated = chunk
+        """Makes a prepared chunk current: counts (and logs, or in strict mode raises on) its skips, and
+        raises ``DataError`` when a whole pass over the records has yielded no document."""
+        docs, outcomes, truncated = chunk
         self._chunk_state, self._chunk_counts = state, self._counts()
-        for loc, reason, detail in events:
-            self.skips.skip(loc, reason, detail)
+        for event in outcomes:  # one per record, in record order: None = it became a document
+            if event is None:
+                self._guard.used()
+            else:
+                self.skips.skip(*event)
+                self._guard.skipped(event[1])
         self.truncated += truncated
+        self.documents += len(docs)
         self._buf, self._pos = docs, 0
 
     def _prepare(self):
@@ -109,27 +148,28 @@ class _DocumentIterator(grain.DatasetIterator):
         records = list(itertools.islice(self._parent, self._chunk_size))
         if not records:
             return state, None
-        locs, rendered, events = [], [], []
-        for rec in records:
+        outcomes: list[Any] = [None] * len(records)
+        todo, rendered = [], []
+        for i, rec in enumerate(records):
             try:
                 sample = chat_sample(rec["raw"], need_assistant=True)
                 rendered.append(ct.render_pieces(sample["messages"], sample["tools"]))
-                locs.append(rec["loc"])
+                todo.append(i)
             except BadSample as e:
-                events.append((rec["loc"], e.reason, e.detail))
+                outcomes[i] = (rec["loc"], e.reason, e.detail)
             except (TypeError, AttributeError, KeyError, ValueError) as e:  # odd field types the schema let through
-                events.append((rec["loc"], BAD_MESSAGE, f"cannot render the conversation: {type(e).__name__}: {e}"))
+                outcomes[i] = (rec["loc"], BAD_MESSAGE, f"cannot render the conversation: {type(e).__name__}: {e}")
         encoded = self._tok.encode_rendered(rendered, loss_on=self._loss_on) if rendered else []
         docs, truncated = [], 0
-        for loc, (ids, mask) in zip(locs, encoded):
-            doc, event = self._document(loc, ids, mask.astype(np.int32))
+        for i, (ids, mask) in zip(todo, encoded):
+            doc, event = self._document(records[i]["loc"], ids, mask.astype(np.int32))
             if event == "truncated":
                 truncated += 1
             elif event is not None:
-                events.append(event)
+                outcomes[i] = event
             if doc is not None:
                 docs.append(doc)
-        return state, (docs, events, truncated)
+        return state, (docs, outcomes, truncated)
 
     def _document(self, loc: str, ids: np.ndarray, mask: np.ndarray) -> tuple[dict | None, Any]:
         """(document or None, None | "truncated" | skip event)."""
@@ -146,17 +186,18 @@ class _DocumentIterator(grain.DatasetIterator):
         return {"parent": self._chunk_state, "pos": self._pos, "skip_counts": dict(self._chunk_counts)}
 
     def set_state(self, state: dict[str, Any]) -> None:
-        if self._future is not None:  # drop the look-ahead chunk (let it finish first: it uses the parent)
+        if self._job is not None:  # it is reading the parent: let it finish, drop its chunk
             try:
-                self._future.result()
-            except Exception:  # noqa: BLE001 - a strict-mode error of a chunk we are discarding
+                self._job.result()
+            except Exception:  # noqa: BLE001 - an error of a chunk we are discarding
                 pass
-            self._future = None
+            self._job = None
         self._parent.set_state(state["parent"])
         counts = dict(state["skip_counts"])
         self.truncated = counts.pop("truncated", 0)
         self.skips.counts = {r: counts.get(r, 0) for r in self.skips.counts}
         self._chunk_state, self._chunk_counts = state["parent"], self._counts()
+        self._guard.reset(fresh=state["parent"] == self._start_state and not state["pos"])
         self._buf, self._pos = [], 0
         if state["pos"]:
             chunk_state, chunk = self._prepare()
@@ -165,8 +206,7 @@ class _DocumentIterator(grain.DatasetIterator):
             self._pos = int(state["pos"])
 
     def close(self) -> None:
-        if self._pool is not None:
-            self._pool.shutdown(wait=True, cancel_futures=True)
+        self._job = None  # a chunk in preparation finishes (or not) in its daemon thread, unwaited
         super().close()
 
     def live_counts(self) -> dict[str, int]:

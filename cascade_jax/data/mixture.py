@@ -11,6 +11,8 @@ of records costs a few array ops instead of per-record Python layers:
   ``perm(s, e)`` is a seeded permutation of that source, new for every epoch (identity without
   shuffle).
 - Length: ``floor(num_epochs × total records)`` draws (None: endless).
+- Pass: ``pass_length()`` draws from the start read every record of every source at least once;
+  ``documents`` / ``prompts`` raise ``DataError`` when a whole pass yields nothing usable.
 
 ``RecordIterDataset`` is the Grain source of the pipeline: it reads the draws ``start, start + step,
 …`` (``start = process index``, ``step = process count`` for JAX multi-host sharding) and supports
@@ -42,6 +44,11 @@ def process_shard(shard_index: int | None, shard_count: int | None) -> tuple[int
     return jax.process_index(), jax.process_count()
 
 
+def active_sources(sources: Sequence[SourceConfig]) -> list[SourceConfig]:
+    """The sources that take part in the mixture (weight > 0)."""
+    return [s for s in sources if s.weight > 0]
+
+
 def open_sources(sources: Sequence[SourceConfig], skips: SkipLog) -> list:
     """Opens every source; empty files are counted/logged in ``skips`` (strict: ``DataError``)."""
     out = []
@@ -62,6 +69,8 @@ class RecordIndex:
                  num_epochs: float | None, shuffle: bool = True, block: int = 4096):
         self.sizes = np.asarray(sizes, np.int64)
         self.seed, self.shuffle = int(seed), shuffle
+        if not all(w > 0 for w in weights):
+            raise ValueError(f"mixture weights {list(weights)}: expected all > 0 (leave weight-0 sources out)")
         w = np.asarray(weights, np.float64) / np.sum(weights)
         # Big enough that every source gets at least two draws per block.
         self.block = max(block, 8 * len(sizes), math.ceil(2 / w.min()))
@@ -75,6 +84,17 @@ class RecordIndex:
         self.length = None if num_epochs is None else max(1, math.floor(total * num_epochs))
         self._perms: OrderedDict = OrderedDict()
         self._blocks: OrderedDict = OrderedDict()
+
+    def pass_length(self) -> int:
+        """Draws from the start that read every record of every source at least once (one pass)."""
+        if len(self.sizes) == 1:
+            return int(self.sizes[0])
+        last = 0
+        for s, (size, count) in enumerate(zip(self.sizes.tolist(), self.counts.tolist())):
+            b, r = divmod(size - 1, count)  # the draw of the source's last record of epoch 0
+            order, _ = self._block(b)
+            last = max(last, b * self.block + int(np.flatnonzero(order == s)[r]))
+        return last + 1
 
     def _cached(self, cache: OrderedDict, key, make):
         if key not in cache:
@@ -136,6 +156,12 @@ class RecordIterDataset(grain.IterDataset):
             raise ValueError(f"RecordIterDataset supports only open-ended strided slices, got {sl}")
         self.start += self.step * (sl.start or 0)
         self.step *= sl.step or 1
+
+    def pass_info(self) -> dict[str, Any]:
+        """What one pass over the records is for this slice (see ``records.PassGuard``)."""
+        draws = self.index.pass_length()
+        return {"records": max(1, -(-(draws - self.start) // self.step)), "total": int(self.index.sizes.sum()),
+                "files": [p for src in self.sources for p in src.paths], "sliced": self.step > 1}
 
     def __len__(self) -> int:
         if self.index.length is None:

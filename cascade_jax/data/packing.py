@@ -13,7 +13,9 @@ document; padding has tokens = targets = loss_mask = 0. ``max_docs_per_row`` cap
 
 State: the parent's state before the group's first document, rows of the group already emitted,
 and the group counter; restoring re-packs that group from the parent, so the rows that follow are
-exactly those of an uninterrupted run.
+exactly those of an uninterrupted run. At the end of a finite stream ``next`` raises
+``StopIteration`` (again on every later call) and the state is that of the end: restoring it in a
+new iterator gives ``StopIteration`` too.
 """
 
 from __future__ import annotations
@@ -82,8 +84,8 @@ class _PackIterator(grain.DatasetIterator):
                 before = self._parent.get_state()
                 try:
                     doc = next(self._parent)
-                except StopIteration:
-                    self._done = True
+                except StopIteration:  # the next "group" starts (and ends) at the end of the stream
+                    self._done, self._next_state = True, self._parent.get_state()
                     break
             n = len(doc["tokens"])
             if n > self._max_len:
@@ -108,7 +110,7 @@ class _PackIterator(grain.DatasetIterator):
             if self._rows:  # the previous group is finished: the next one starts at the carried doc
                 self._group += 1
                 self._group_state = self._next_state
-                self._rows = []
+                self._rows, self._emitted = [], 0
             if self._done and self._carry is None:
                 raise StopIteration
             self._fill_group()

@@ -9,7 +9,8 @@ step yields ``prompts_per_step`` prompts, each repeated ``group_size`` times in 
      "tools": [...], "domain": [...], "meta": [P*G dicts]}
 
 Prompts longer than ``max_prompt_len`` tokens and bad records are skipped and counted (or raise
-``DataError`` with ``file:line`` in strict mode). The iterator state is the record stream position
+``DataError`` with ``file:line`` in strict mode); a whole pass over the records without a usable
+prompt raises ``DataError``. The iterator state is the record stream position
 plus skip counts, so an RL run resumes on the same prompts.
 """
 
@@ -21,8 +22,8 @@ import grain
 import numpy as np
 
 from cascade_jax.data.config import PromptConfig
-from cascade_jax.data.mixture import RecordIndex, RecordIterDataset, open_sources, process_shard
-from cascade_jax.data.records import TOO_LONG, BadSample, SkipLog, chat_sample, sum_skip_counts
+from cascade_jax.data.mixture import RecordIndex, RecordIterDataset, active_sources, open_sources, process_shard
+from cascade_jax.data.records import TOO_LONG, BadSample, PassGuard, SkipLog, chat_sample, sum_skip_counts
 from cascade_jax.data.tokenize import ChatTokenizer
 
 
@@ -47,14 +48,22 @@ class PromptIterDataset(grain.IterDataset):
         self.tokenizer, self.cfg = tokenizer, cfg
 
     def __iter__(self) -> "_PromptIterator":
-        return _PromptIterator(self._parent.__iter__(), self.tokenizer, self.cfg)
+        pass_info = getattr(self._parent, "pass_info", None)
+        return _PromptIterator(self._parent.__iter__(), self.tokenizer, self.cfg, pass_info and pass_info())
 
 
 class _PromptIterator(grain.DatasetIterator):
-    def __init__(self, parent, tokenizer: ChatTokenizer, cfg: PromptConfig):
+    def __init__(self, parent, tokenizer: ChatTokenizer, cfg: PromptConfig, pass_info: dict | None = None):
         super().__init__(parent)
         self._tok, self._cfg = tokenizer, cfg
         self.skips = SkipLog(strict=cfg.strict, log_first=cfg.log_first, what="RL prompt")
+        self._start_state = self._parent.get_state()
+        self._guard = PassGuard(pass_info, hint="check the files or the prompt format", hints={
+            TOO_LONG: "check the files, the prompt format or prompts.max_prompt_len"})
+
+    def _skip(self, loc: str, reason: str, detail: str) -> None:
+        self.skips.skip(loc, reason, detail)
+        self._guard.skipped(reason)
 
     def __next__(self) -> dict:
         while True:
@@ -62,13 +71,14 @@ class _PromptIterator(grain.DatasetIterator):
             try:
                 p = prompt_from_record(rec["raw"])
             except BadSample as e:
-                self.skips.skip(rec["loc"], e.reason, e.detail)
+                self._skip(rec["loc"], e.reason, e.detail)
                 continue
             ids = self._tok.encode_prompt(p["messages"], p["tools"], enable_thinking=self._cfg.enable_thinking)
             if len(ids) > self._cfg.max_prompt_len:
-                self.skips.skip(rec["loc"], TOO_LONG, f"{len(ids)} prompt tokens > max_prompt_len "
-                                                      f"{self._cfg.max_prompt_len}")
+                self._skip(rec["loc"], TOO_LONG, f"{len(ids)} prompt tokens > max_prompt_len "
+                                                 f"{self._cfg.max_prompt_len}")
                 continue
+            self._guard.used()
             meta = {**p["meta"], "loc": rec["loc"]}
             return {"prompt_tokens": ids, "messages": p["messages"], "tools": p["tools"],
                     "domain": meta.get("domain", ""), "meta": meta}
@@ -79,6 +89,7 @@ class _PromptIterator(grain.DatasetIterator):
     def set_state(self, state: dict[str, Any]) -> None:
         self._parent.set_state(state["parent"])
         self.skips.counts = {r: state["skip_counts"].get(r, 0) for r in self.skips.counts}
+        self._guard.reset(fresh=state["parent"] == self._start_state)
 
 
 def group(prompts: list[dict], group_size: int) -> dict:
@@ -97,9 +108,10 @@ class RLPrompts:
         self.cfg = cfg
         self.tokenizer = tokenizer or ChatTokenizer(cfg.tokenizer)
         self.file_skips = SkipLog(strict=cfg.strict, log_first=cfg.log_first, what="file")
-        sources = open_sources(cfg.sources, self.file_skips)
+        self.sources = active_sources(cfg.sources)
+        sources = open_sources(self.sources, self.file_skips)
         shard_index, shard_count = process_shard(cfg.shard_index, cfg.shard_count)
-        index = RecordIndex([len(s) for s in sources], [s.weight for s in cfg.sources], seed=cfg.seed,
+        index = RecordIndex([len(s) for s in sources], [s.weight for s in self.sources], seed=cfg.seed,
                             num_epochs=cfg.num_epochs, shuffle=cfg.shuffle)
         ds = PromptIterDataset(RecordIterDataset(sources, index, start=shard_index, step=shard_count),
                                self.tokenizer, cfg)

@@ -41,7 +41,8 @@ class BadSample(ValueError):
 
 
 class DataError(ValueError):
-    """Raised in strict mode: names the file and line (or row) of the first bad sample."""
+    """Unusable data, in one line: the file and line (or row) of a bad sample in strict mode, a missing
+    or empty source, or a pass over all the records that found nothing usable."""
 
 
 def parse_json(raw: bytes | str | dict) -> dict:
@@ -205,3 +206,57 @@ def sum_skip_counts(state: Any, out: dict[str, int]) -> None:
             sum_skip_counts(json.loads(state), out)
         except ValueError:
             pass
+
+
+def _file_list(files: list[str], limit: int = 3) -> str:
+    shown = ", ".join(files[:limit])
+    return shown + (f" and {len(files) - limit} more files" if len(files) > limit else "")
+
+
+class PassGuard:
+    """Stops an endless search: ``DataError`` once a whole pass over the records found nothing usable.
+
+    ``info`` (from ``RecordIterDataset.pass_info``): ``records`` = draws of this slice that make one
+    pass (every record of every source read once, for this process's / worker's share), ``total`` =
+    records in the sources, ``files``, ``sliced``. Call ``used()`` for every record that gave a sample
+    and ``skipped(reason)`` for every other one. From a fresh start one dry pass is an error; after a
+    usable record or a restore, two (a pass that starts mid-epoch may miss a rare usable record).
+    """
+
+    def __init__(self, info: dict | None, *, fresh: bool = True, hint: str = "check the files or the chat format",
+                 hints: dict[str, str] | None = None):
+        self.info, self.hint, self.hints = info, hint, hints or {}
+        self.reset(fresh)
+
+    def reset(self, fresh: bool = False) -> None:
+        self.dry = 0
+        self.counts: dict[str, int] = {}
+        self.passes = 1 if fresh else 2
+
+    def used(self) -> None:
+        if self.dry:
+            self.dry, self.counts = 0, {}
+        self.passes = 2
+
+    def skipped(self, reason: str) -> None:
+        if self.info is None:
+            return
+        self.dry += 1
+        self.counts[reason] = self.counts.get(reason, 0) + 1
+        if self.dry >= self.passes * self.info["records"]:
+            raise DataError(self.message())
+
+    def message(self) -> str:
+        info = self.info
+        reasons = ", ".join(f"{r}: {n}" for r, n in sorted(self.counts.items(), key=lambda kv: -kv[1]))
+        if info["sliced"]:
+            reasons = f"this shard read {self.dry}: {reasons}"
+        elif self.dry != info["total"]:
+            reasons = f"{self.dry} read: {reasons}"
+        hint = self.hint
+        for reason, extra in self.hints.items():
+            if self.counts.get(reason):
+                hint = extra
+        passes = "1 pass" if self.passes == 1 else f"{self.passes} passes"
+        return (f"data: no usable record in {passes} over {info['total']} records of {_file_list(info['files'])} "
+                f"({reasons}); {hint}")

@@ -76,7 +76,7 @@ def test_output_exists_needs_overwrite(capsys, hf_dir, tmp_path):
 
 def test_to_hf_missing_checkpoint(capsys, tmp_path):
     _fails(capsys, tmp_path, ["to-hf", "--ckpt", str(tmp_path / "nothing"), "--out", str(tmp_path / "out" / "hf")],
-           "no cascade_config.json")
+           "nothing: no such directory")
 
 
 def test_command_line_entry_point(hf_dir, tmp_path):

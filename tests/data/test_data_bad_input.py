@@ -77,15 +77,6 @@ def test_strict_empty_file_and_missing_path(tmp_path):
         SFTData(_cfg([str(tmp_path / "nope*.jsonl")]), tokenizer=TOKENIZER)
 
 
-def test_bad_config_values_name_the_field():
-    with pytest.raises(ValueError, match="data.too_long"):
-        DataConfig(too_long="chop")
-    with pytest.raises(ValueError, match="data.max_len"):
-        DataConfig(max_len=0)
-    with pytest.raises(ValueError, match="unknown field"):
-        DataConfig.from_dict({"max_length": 5})
-
-
 def test_rl_prompts_skip_bad_records(tmp_path):
     rows = [json.dumps({"messages": [{"role": "user", "content": f"q{i}"}], "domain": "math",
                         "verifier": {"kind": "boxed_number", "answer": str(i)}}) for i in range(4)]
