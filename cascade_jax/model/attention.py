@@ -7,8 +7,8 @@ from flax import nnx
 from jaxtyping import Array, Float, Int
 
 from cascade_jax.config import ModelConfig
+from cascade_jax.model.context_parallel import sequence_attention
 from cascade_jax.model.layers import Linear
-from cascade_jax.parallel.context import sequence_attention
 
 
 class AttentionMixer(nnx.Module):

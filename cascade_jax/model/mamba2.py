@@ -10,8 +10,8 @@ from flax import nnx
 from jaxtyping import Array, Float, Int
 
 from cascade_jax.config import ModelConfig
+from cascade_jax.model.context_parallel import sequence_conv, sequence_ssd
 from cascade_jax.model.layers import Linear, kaiming_uniform_std, rms_normalize
-from cascade_jax.parallel.context import sequence_conv, sequence_ssd
 
 
 def _initial_dt_bias(config: ModelConfig, key) -> Array:

@@ -9,11 +9,11 @@ from flax import nnx
 from jaxtyping import Array, Bool, Float, Int
 
 from cascade_jax.config import ModelConfig
+from cascade_jax.model.expert_parallel import expert_parallel
 from cascade_jax.model.layers import ExpertBias, Linear, normal_param, relu_squared
 from cascade_jax.model.mlp import MLP
 from cascade_jax.ops.grouped_matmul import grouped_matmul
 from cascade_jax.ops.permute import sort_rows, unsort_rows
-from cascade_jax.parallel.experts import expert_parallel
 
 
 def route(
@@ -81,7 +81,7 @@ def routed_experts(
     capacity_factor: float | None = None,
 ) -> tuple[Float[Array, "N D"], Int[Array, ""]]:
     """(routed-expert output, dropped assignments). `dispatch` picks how tokens reach experts: "local"
-    (one program, `dropless_experts`) or an expert-parallel strategy of `cascade_jax.parallel.experts`
+    (one program, `dropless_experts`) or an expert-parallel strategy of `cascade_jax.model.expert_parallel`
     run under the context mesh; the math is the same, only drops under a capacity factor differ."""
     if dispatch == "local":
         return dropless_experts(x, weights, indices, up, down, backend), jnp.zeros((), jnp.int32)

@@ -11,11 +11,11 @@ from jaxtyping import Array, Float, Int
 
 from cascade_jax.config import ModelConfig
 from cascade_jax.model.attention import AttentionMixer
+from cascade_jax.model.expert_parallel import STRATEGIES
 from cascade_jax.model.layers import Linear, RMSNorm
 from cascade_jax.model.mamba2 import Mamba2Mixer
 from cascade_jax.model.mlp import MLP
 from cascade_jax.model.moe import MoEMixer
-from cascade_jax.parallel.experts import STRATEGIES
 from cascade_jax.parallel.rules import constrain
 
 

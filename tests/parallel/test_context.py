@@ -6,11 +6,11 @@ import numpy as np
 import pytest
 from jax.sharding import NamedSharding
 
+from cascade_jax.model.context_parallel import context_size, sequence_attention, sequence_conv, sequence_ssd
 from cascade_jax.ops.attention import attention
 from cascade_jax.ops.conv import causal_conv1d
 from cascade_jax.ops.ssd import ssd_chunked
 from cascade_jax.parallel import MeshConfig, make_mesh, mesh_context
-from cascade_jax.parallel.context import context_size, sequence_attention, sequence_conv, sequence_ssd
 from cascade_jax.parallel.rules import logical_to_spec
 from tests.parallel.helpers import assert_close
 

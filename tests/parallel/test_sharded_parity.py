@@ -18,7 +18,7 @@ CASES = [
     pytest.param(dict(fsdp=2, expert=4), "allgather", marks=SLOW),
     (dict(data=2, expert=2, tensor=2), "allgather"),
     pytest.param(dict(data=2, expert=2, tensor=2), "all_to_all", marks=SLOW),
-    (dict(context=2, fsdp=4), "allgather"),   # documents cross the context split (parallel/context.py)
+    (dict(context=2, fsdp=4), "allgather"),   # documents cross the context split (model/context_parallel.py)
     pytest.param(dict(context=4, fsdp=2), "local", marks=SLOW),
 ]
 

@@ -16,7 +16,7 @@ owns the expert and how results come back:
                      does not implement it). Dropless; the receive buffer has the dropless bound.
 
 The per-expert math comes in as `ffn(rows, group_sizes, up, down)` (rows sorted by local expert, rows
-past Σ group_sizes must give 0), so this module needs nothing from the model or the kernels.
+past Σ group_sizes must give 0), so the dispatch is the same whichever grouped-matmul backend runs the experts.
 """
 
 from __future__ import annotations
