@@ -54,7 +54,10 @@ def summary(run_dir: str, result) -> str:
     lines = [headline]
     if result.metrics:
         lines.append("final: " + format_line(result.step, result.steps, result.metrics))
-    kept = ", ".join(map(str, result.checkpoint_steps)) or "none"
+    if not result.checkpoint_steps:
+        lines.append(f"no checkpoint was written; nothing was saved in {run_dir}")
+        return "\n".join(lines)
+    kept = ", ".join(map(str, result.checkpoint_steps))
     lines.append(f"checkpoints: {os.path.join(run_dir, 'checkpoints')} (steps {kept}); "
                  f"load with cj.load_pretrained({run_dir!r}) or export with "
                  f"python -m tools.convert_hf to-hf --ckpt {run_dir} --out HF_DIR")

@@ -109,7 +109,7 @@ class _Signals:
 
 
 def read_complete(run_dir: str) -> dict | None:
-    """The marker a finished run leaves: {"step": N, "steps": N}; None while the run is unfinished."""
+    """The marker a finished run leaves: {"step": reached, "steps": asked for}; None while unfinished."""
     path = os.path.join(run_dir, COMPLETE_FILE)
     if not os.path.isfile(path):
         return None
@@ -204,7 +204,9 @@ class TrainLoop:
                     except StopRequested:
                         return state, self._save_last(step, saved, state, data_state, "signal", signals.received)
                     except StopIteration:
-                        return state, self._save_last(step, saved, state, data_state, "end_of_data")
+                        result = self._save_last(step, saved, state, data_state, "end_of_data")
+                        self._mark_complete(step)   # a rerun says so instead of finding no batch
+                        return state, result
                     data_state = task.data_state()
         except StopRequested as stop:   # during the first fetch: nothing trained since the last checkpoint
             return state, self._result(step, "signal", str(stop))
@@ -231,6 +233,7 @@ class TrainLoop:
                           checkpoint_steps=steps, detail=detail)
 
     def _mark_complete(self, step: int) -> None:
+        """{"step": reached, "steps": asked for}; step < steps when the data ended the run."""
         if self.main_process:
             with open(os.path.join(self.run_dir, COMPLETE_FILE), "w") as f:
                 json.dump({"step": step, "steps": self.steps}, f)
