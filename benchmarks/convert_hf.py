@@ -28,7 +28,7 @@ import ml_dtypes
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from cascade_jax.config import ModelConfig  # noqa: E402
+from cascade_jax.config import ModelConfig, hf_json_text  # noqa: E402
 from cascade_jax.weights.hf_mapping import hf_rules, hf_shapes  # noqa: E402
 from cascade_jax.weights.safetensors_writer import ShardedSafetensorsWriter, TensorEntry  # noqa: E402
 from cascade_jax.weights.validate import abstract_state  # noqa: E402
@@ -36,8 +36,6 @@ from cascade_jax.weights.validate import abstract_state  # noqa: E402
 
 def build_checkpoint(directory: Path, config: ModelConfig) -> int:
     """Random bf16 weights (finite: exponent's top bit cleared), written tensor by tensor."""
-    import json
-
     rules = hf_rules(config)
     _, flat = abstract_state(config)
     entries = [TensorEntry(name, "F32" if rule.keeps_fp32 else "BF16", shape) for rule in rules
@@ -52,7 +50,7 @@ def build_checkpoint(directory: Path, config: ModelConfig) -> int:
             block = bits.view(ml_dtypes.bfloat16)
         writer.write(entry.name, block)
     writer.close()
-    (directory / "config.json").write_text(json.dumps(config.to_hf()))
+    (directory / "config.json").write_text(hf_json_text(config.to_hf()))
     return sum(e.nbytes for e in entries)
 
 

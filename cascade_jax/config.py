@@ -234,10 +234,32 @@ def _read_hf_dict(source: str | os.PathLike | dict) -> dict:
         raise ConfigError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
 
 
+_FLOAT_TAGS = {"Infinity": math.inf, "-Infinity": -math.inf, "NaN": math.nan}
+
+
+def hf_json_text(hf: dict) -> str:
+    """A config.json dict (e.g. `ModelConfig.to_hf()`) as transformers' `PretrainedConfig.to_json_string`
+    writes it: strict JSON (inf/nan as {"__float__": "Infinity" | "-Infinity" | "NaN"}), 2-space indent,
+    sorted keys, a final newline. `from_hf` reads this and the bare `Infinity` of Python's json alike."""
+    return json.dumps(_encode_special_floats(hf), indent=2, sort_keys=True, allow_nan=False) + "\n"
+
+
+def _encode_special_floats(value):
+    if isinstance(value, float) and not math.isfinite(value):
+        return {"__float__": "NaN" if math.isnan(value) else "Infinity" if value > 0 else "-Infinity"}
+    if isinstance(value, dict):
+        return {k: _encode_special_floats(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_encode_special_floats(v) for v in value]
+    return value
+
+
 def _decode_special_floats(value):
-    """transformers writes inf/nan as {"__float__": "Infinity"} in config.json."""
-    if isinstance(value, dict) and set(value) == {"__float__"}:
-        return float(value["__float__"])
+    """transformers writes inf/nan as {"__float__": "Infinity"} in config.json (`hf_json_text`)."""
+    if isinstance(value, dict):
+        if set(value) == {"__float__"} and value["__float__"] in _FLOAT_TAGS:
+            return _FLOAT_TAGS[value["__float__"]]
+        return {k: _decode_special_floats(v) for k, v in value.items()}
     if isinstance(value, list):
         return [_decode_special_floats(v) for v in value]
     return value

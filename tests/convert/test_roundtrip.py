@@ -51,3 +51,38 @@ def _bf16():
     import ml_dtypes
 
     return np.dtype(ml_dtypes.bfloat16)
+
+
+def _no_constants(name):
+    raise ValueError(f"bare {name} in strict JSON")
+
+
+def test_exported_config_is_strict_json(fixtures_dir, tmp_path):
+    """inf is written as transformers writes it ({"__float__": "Infinity"}), never a bare Infinity, and
+    reads back, as does the bare form Python's json writes."""
+    source = fixtures_dir / "hf" / "mamba_moe_attn"
+    convert_to_jax(source, tmp_path / "ckpt", progress=False)
+    convert_to_hf(tmp_path / "ckpt", tmp_path / "hf", progress=False)
+    for name in ("config.json", "generation_config.json"):
+        json.loads((tmp_path / "hf" / name).read_text(), parse_constant=_no_constants)
+    exported = json.loads((tmp_path / "hf" / "config.json").read_text(), parse_constant=_no_constants)
+    fixture = json.loads((source / "config.json").read_text(), parse_constant=_no_constants)
+    assert exported["time_step_limit"] == fixture["time_step_limit"] == [0.0, {"__float__": "Infinity"}]
+    config = cj.ModelConfig.from_hf(tmp_path / "hf")
+    assert config == cj.ModelConfig.from_hf(source) and config.time_step_limit == (0.0, float("inf"))
+    bare = tmp_path / "bare" / "config.json"
+    bare.parent.mkdir()
+    bare.write_text(json.dumps(config.to_hf()))
+    assert "Infinity" in bare.read_text() and cj.ModelConfig.from_hf(bare) == config
+
+
+def test_hf_json_text_special_floats():
+    from cascade_jax.config import hf_json_text
+
+    text = hf_json_text({"b": [float("-inf"), 1.5, float("nan")], "a": {"c": float("inf")}})
+    assert json.loads(text, parse_constant=_no_constants) == {
+        "a": {"c": {"__float__": "Infinity"}}, "b": [{"__float__": "-Infinity"}, 1.5, {"__float__": "NaN"}]}
+    assert text.startswith('{\n  "a"') and text.endswith("}\n")
+    config = cj.ModelConfig.from_hf(json.loads(hf_json_text(cj.ModelConfig.preset("tiny").to_hf()
+                                                            | {"time_step_limit": [0.0, 5.0]})))
+    assert config.time_step_limit == (0.0, 5.0)

@@ -16,6 +16,41 @@ from tqdm import tqdm
 from cascade_jax.weights.safetensors_dir import CheckpointError
 
 
+def refuse_overlap(out_dir, inputs) -> None:
+    """CheckpointError unless `out_dir` is apart from every input directory: not the same, not inside one,
+    not containing one. `inputs`: (description, path), e.g. ("the input --hf /x", "/x"). Paths are
+    compared resolved (symlinks followed, missing tails kept as written), so a link is no way around it.
+    Called before anything is written: `--overwrite` would otherwise replace the input with the output."""
+    out = Path(out_dir).resolve()
+    for description, path in inputs:
+        source = Path(path).resolve()
+        if out == source:
+            relation, advice = "is", "choose a directory outside it"
+        elif source in out.parents:
+            relation, advice = "is inside", "choose a directory outside it"
+        elif out in source.parents:
+            relation, advice = "contains", "choose a directory that does not contain it"
+        else:
+            continue
+        raise CheckpointError(f"--out {_shown(out_dir, out)} {relation} {description}; {advice}")
+
+
+def input_dirs(flag: str, path) -> list[tuple[str, Path]]:
+    """`path` itself, and the directories its symlinked files point into (an HF hub snapshot's blobs/)."""
+    given = Path(path)
+    found = [(f"the input {flag} {_shown(path, given.resolve())}", given)]
+    if given.is_dir():
+        targets = sorted({entry.resolve().parent for entry in given.iterdir() if entry.is_symlink()})
+        found += [(f"{target}, which holds files of the input {flag} {path}", target)
+                  for target in targets if target != given.resolve()]
+    return found
+
+
+def _shown(given, resolved: Path) -> str:
+    """The path as given, with where it resolves to when that differs."""
+    return str(given) if Path(os.path.abspath(given)) == resolved else f"{given} (= {resolved})"
+
+
 @contextlib.contextmanager
 def staged_directory(out_dir, overwrite: bool):
     """Yield a temporary directory beside `out_dir`; it becomes `out_dir` only if the block succeeds.

@@ -5,19 +5,19 @@ from __future__ import annotations
 import collections
 import concurrent.futures
 import contextlib
-import json
 import math
 
 import numpy as np
 import tensorstore as ts
 
+from cascade_jax.config import hf_json_text
 from cascade_jax.weights.hf_mapping import copy_into, hf_row_axis, hf_rules, hf_shapes, to_hf
-from cascade_jax.weights.orbax_params import ParamsSource, open_params, tree_key
+from cascade_jax.weights.orbax_params import CHECKPOINTS_DIR, ParamsSource, locate, open_params, tree_key
 from cascade_jax.weights.safetensors_dir import CheckpointError, dtype_name
 from cascade_jax.weights.safetensors_writer import ShardedSafetensorsWriter, TensorEntry
 from cascade_jax.weights.streamed_save import BLOCK_BYTES, block_ranges
 from cascade_jax.weights.validate import abstract_state, target_dtype
-from tools.convert_hf.output import Progress, staged_directory
+from tools.convert_hf.output import Progress, input_dirs, refuse_overlap, staged_directory
 
 BLOCKS_IN_FLIGHT = 3   # blocks read and transposed ahead while the caller writes
 
@@ -25,7 +25,12 @@ BLOCKS_IN_FLIGHT = 3   # blocks read and transposed ahead while the caller write
 def convert_to_hf(ckpt_dir, out_dir, *, max_shard_bytes: int = 5 * 10**9, dtype=None,
                   overwrite: bool = False, progress: bool = True) -> str:
     """Convert; returns the summary line. `dtype=None` keeps the checkpoint's parameter dtype
-    (A_log, D and e_score_correction_bias are always written as F32)."""
+    (A_log, D and e_score_correction_bias are always written as F32). `out_dir` may not overlap the
+    checkpoint path nor the run directory it belongs to."""
+    refuse_overlap(out_dir, input_dirs("--ckpt", ckpt_dir))
+    home = locate(ckpt_dir).config_file.parent   # RUN for any path inside a run directory
+    kind = "run directory" if (home / CHECKPOINTS_DIR).is_dir() else "checkpoint directory"
+    refuse_overlap(out_dir, [(f"the {kind} {home} of the input --ckpt {ckpt_dir}", home)])
     record, source = next(open_params(ckpt_dir))   # a run directory: its newest readable step
     config = record["model_config"]
     rules = hf_rules(config)
@@ -45,8 +50,8 @@ def convert_to_hf(ckpt_dir, out_dir, *, max_shard_bytes: int = 5 * 10**9, dtype=
                 bar.advance(int(experts or stop == rows), tensor.nbytes)
         writer.close()
         hf_config = config.to_hf() | {"dtype": out_dtype.name, "torch_dtype": out_dtype.name}
-        _write_json(staging / "config.json", hf_config)
-        _write_json(staging / "generation_config.json", record.get("generation_config") or {})
+        (staging / "config.json").write_text(hf_json_text(hf_config))
+        (staging / "generation_config.json").write_text(hf_json_text(record.get("generation_config") or {}))
     return bar.summary(out_dir)
 
 
@@ -136,9 +141,3 @@ def _check_leaves(source: ParamsSource, rules, flat) -> None:
         expected_dtype = np.dtype(np.float32) if rule.keeps_fp32 else main_dtype
         if stored != expected_dtype:
             raise CheckpointError(f"{where}: parameter {'/'.join(key)} has dtype {stored}, expected {expected_dtype}")
-
-
-def _write_json(path, data: dict) -> None:
-    with open(path, "w") as f:
-        json.dump(data, f, indent=2, sort_keys=True)
-        f.write("\n")

@@ -12,11 +12,11 @@ import numpy as np
 
 from cascade_jax.config import ModelConfig
 from cascade_jax.weights.hf_mapping import TensorRule, fill_jax_rows, hf_row_axis, hf_rules
-from cascade_jax.weights.orbax_params import PARAMS_DIR, tree_key, write_config
+from cascade_jax.weights.orbax_params import PARAMS_DIR, default_generation_config, tree_key, write_config
 from cascade_jax.weights.safetensors_dir import DTYPES, SafetensorsDir
 from cascade_jax.weights.streamed_save import StreamedArray, save_streamed
 from cascade_jax.weights.validate import abstract_state, check_names, check_shapes, checkpoint_dtype, target_dtype
-from tools.convert_hf.output import Progress, staged_directory
+from tools.convert_hf.output import Progress, input_dirs, refuse_overlap, staged_directory
 
 
 def convert_to_jax(hf_dir, out_dir, *, dtype=None, overwrite: bool = False, progress: bool = True) -> str:
@@ -25,6 +25,7 @@ def convert_to_jax(hf_dir, out_dir, *, dtype=None, overwrite: bool = False, prog
     One Orbax save of the whole tree, each parameter read from the checkpoint a block of HF rows at a
     time while earlier blocks are written (see `streamed_save`); memory holds a few blocks, not a layer.
     """
+    refuse_overlap(out_dir, input_dirs("--hf", hf_dir))
     config = ModelConfig.from_hf(hf_dir)
     rules = hf_rules(config)
     with SafetensorsDir(hf_dir) as checkpoint:
@@ -89,5 +90,4 @@ def generation_config(hf_dir, config: ModelConfig) -> dict:
     if os.path.isfile(path):
         with open(path) as f:
             return json.load(f)
-    eos = list(config.eos_token_id) if isinstance(config.eos_token_id, tuple) else config.eos_token_id
-    return {"bos_token_id": config.bos_token_id, "eos_token_id": eos, "pad_token_id": config.pad_token_id}
+    return default_generation_config(config)
