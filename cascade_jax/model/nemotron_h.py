@@ -11,6 +11,7 @@ from jaxtyping import Array, Float, Int
 
 from cascade_jax.config import ModelConfig
 from cascade_jax.model.attention import AttentionMixer
+from cascade_jax.model.embedding import embed_lookup
 from cascade_jax.model.expert_parallel import STRATEGIES
 from cascade_jax.model.layers import Linear, RMSNorm
 from cascade_jax.model.mamba2 import Mamba2Mixer
@@ -120,7 +121,7 @@ class NemotronH(nnx.Module):
         With `compute_logits=False` only the final hidden states are returned, so a chunked loss can
         apply lm_head without ever building [tokens, vocab].
         """
-        h = constrain(self.embeddings(input_ids).astype(self.dtype), ACTIVATION_AXES)
+        h = constrain(embed_lookup(self.embeddings.embedding[...], input_ids, self.dtype), ACTIVATION_AXES)
         token_mask = None if segment_ids is None else segment_ids > 0
         loads, dropped = [], jnp.zeros((), jnp.int32)
         for block in self.layers:
