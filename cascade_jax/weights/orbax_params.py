@@ -28,6 +28,7 @@ chunks split each parameter along the HF checkpoint's row axis (one expert per c
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -51,6 +52,19 @@ _FORMAT = "cascade_jax.params"
 # Where the parameter tree sits in a checkpoint's tree, tried in order: a TrainState (router biases
 # beside the parameters), a tree under `model`, the root (a converted checkpoint).
 _PARAM_LAYOUTS = ((("params",), ("expert_bias",)), (("model",),), ((),))
+
+
+@contextlib.contextmanager
+def _quiet_absl():
+    """Orbax warns through absl that a tree inside a step has no step-level metadata file: true and
+    harmless for every trainer checkpoint, and alarming on each load."""
+    logger = logging.getLogger("absl")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 def tree_key(path: tuple) -> tuple[str, ...]:
@@ -184,7 +198,8 @@ class ParamsSource:
         """`pytree_dir`: one Orbax tree, e.g. an entry of `locate(path).pytree_dirs`."""
         import orbax.checkpoint as ocp
 
-        self.pytree_dir = Path(pytree_dir)
+        # Orbax finds no item metadata under a relative path (0.12.8: `metadata().item_metadata` is None)
+        self.pytree_dir = Path(pytree_dir).absolute()
         self.directory = os.fspath(pytree_dir)
         self._checkpointer = ocp.PyTreeCheckpointer()
         self._ts_context = None
@@ -204,7 +219,8 @@ class ParamsSource:
 
     def _leaves(self, pytree_dir: Path) -> dict[tuple[str, ...], tuple[tuple[int, ...], np.dtype]]:
         try:
-            metadata = self._checkpointer.metadata(pytree_dir).item_metadata
+            with _quiet_absl():
+                metadata = self._checkpointer.metadata(pytree_dir).item_metadata
             tree, self._use_zarr3 = metadata.tree, metadata.use_zarr3
         except Exception as e:  # orbax raises many types for unreadable metadata
             raise CheckpointError(f"{pytree_dir}: unreadable Orbax metadata ({type(e).__name__})") from None

@@ -20,7 +20,7 @@ from cascade_jax.train.state import init_train_state
 
 REPO = os.path.join(os.path.dirname(__file__), "..", "..")
 RECIPE = os.path.join(REPO, "configs", "sft", "tiny.yaml")
-RUN = ["data.max_len=256", "train.steps=3", "checkpoint.every=2", "checkpoint.async_save=false",
+RUN = ["data.max_len=256", "train.steps=3", "checkpoint.every=2",
        "train.eval_every=0", "train.accuracy_eval_every=0", "train.log_every=1", "moe.bias_update_rate=0.01"]
 
 
@@ -32,9 +32,9 @@ def _run(*args, cwd=REPO):
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
-    run = tmp_path_factory.mktemp("chain") / "sft"
-    _run("-m", "cascade_jax.cli.sft", "--config", RECIPE, *RUN, f"run_dir={run}")
-    return run
+    base = tmp_path_factory.mktemp("chain")   # run_dir relative to the working directory, as in the recipes
+    _run("-m", "cascade_jax.cli.sft", "--config", os.path.abspath(RECIPE), *RUN, "run_dir=sft", cwd=base)
+    return base / "sft"
 
 
 def _trained_model(run_dir, step):
@@ -57,7 +57,7 @@ def _logits(model):
     return np.asarray(getattr(out, "logits", out))
 
 
-def test_run_directory_and_its_steps_load(run_dir):
+def test_run_directory_and_its_steps_load(run_dir, monkeypatch):
     assert (run_dir / "cascade_config.json").is_file() and not (run_dir / "model_config.json").exists()
     trained = _trained_model(run_dir, 3)
     biases = np.asarray(trained.layers[1].mixer.correction_bias[...])
@@ -70,17 +70,20 @@ def test_run_directory_and_its_steps_load(run_dir):
     assert not np.array_equal(_logits(step_2), _logits(trained))
     np.testing.assert_array_equal(_logits(cj.load_pretrained(run_dir / "checkpoints" / "3" / "state")),
                                   _logits(trained))
+    monkeypatch.chdir(run_dir.parent)             # relative paths, as a user types them
+    np.testing.assert_array_equal(_logits(cj.load_pretrained("sft")), _logits(trained))
+    np.testing.assert_array_equal(_logits(cj.load_pretrained("sft/checkpoints/2")), _logits(step_2))
 
 
 def test_export_of_the_run_loads_with_the_trained_logits(run_dir, tmp_path):
-    _run("-m", "tools.convert_hf", "to-hf", "--ckpt", str(run_dir), "--out", str(tmp_path / "hf"), "--no-progress")
-    exported = cj.load_pretrained(tmp_path / "hf")
+    _run("-m", "tools.convert_hf", "to-hf", "--ckpt", "sft", "--out", "sft-hf", "--no-progress", cwd=run_dir.parent)
+    exported = cj.load_pretrained(run_dir.parent / "sft-hf")
     np.testing.assert_array_equal(_logits(exported), _logits(_trained_model(run_dir, 3)))
     # a step folder exports too, and an export converts back to a checkpoint with the same logits
     _run("-m", "tools.convert_hf", "to-hf", "--ckpt", str(run_dir / "checkpoints" / "2"), "--out",
          str(tmp_path / "hf2"), "--no-progress")
     np.testing.assert_array_equal(_logits(cj.load_pretrained(tmp_path / "hf2")), _logits(_trained_model(run_dir, 2)))
-    _run("-m", "tools.convert_hf", "to-jax", "--hf", str(tmp_path / "hf"), "--out", str(tmp_path / "back"),
+    _run("-m", "tools.convert_hf", "to-jax", "--hf", str(run_dir.parent / "sft-hf"), "--out", str(tmp_path / "back"),
          "--no-progress")
     np.testing.assert_array_equal(_logits(cj.load_pretrained(tmp_path / "back")), _logits(exported))
 
