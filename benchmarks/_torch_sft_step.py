@@ -1,7 +1,7 @@
 """transformers NemotronH SFT steps on given packed batches (the reference side of sft_vs_torch.py).
 
-Run with the Python 3.11 reference venv:
-    /work/venvs/ref311/bin/python benchmarks/_torch_sft_step.py --config cfg.json --batches b.npz --steps 5
+Run with the reference Python (`bash scripts/setup_reference.sh` makes it, $CASCADE_REF_PYTHON overrides it):
+    .venv-ref/bin/python benchmarks/_torch_sft_step.py --config cfg.json --batches b.npz --steps 5
 Same recipe as ours: masked token-level NLL, global-norm clipping, AdamW; packed documents are passed
 as restarting position_ids (HF5 then masks attention block-diagonally; its Mamba layers ignore packing,
 which does not change the cost). Prints one JSON line: per-step seconds and losses.

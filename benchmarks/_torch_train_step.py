@@ -1,8 +1,9 @@
 """HF transformers NemotronH forward+backward timing (the reference side of train_step_vs_torch.py).
 
-Run with the Python 3.11 reference venv (torch + transformers with native NemotronH):
+Run with the reference Python (torch + transformers with native NemotronH; `bash scripts/setup_reference.sh`
+makes it, $CASCADE_REF_PYTHON overrides it):
 
-    /work/venvs/ref311/bin/python benchmarks/_torch_train_step.py --config cfg.json --steps 5
+    .venv-ref/bin/python benchmarks/_torch_train_step.py --config cfg.json --steps 5
 
 Builds `NemotronHForCausalLM(NemotronHConfig(**config.json))` in fp32 (random init, train mode, HF's default
 CPU paths: torch chunked SSD, sdpa attention, default experts implementation), then times steps of

@@ -28,9 +28,9 @@ from cascade_jax.train.optimizer import build_optimizer  # noqa: E402
 from cascade_jax.train.sft import build_model  # noqa: E402
 from cascade_jax.train.state import init_train_state  # noqa: E402
 from cascade_jax.train.step import NextTokenLoss, train_step  # noqa: E402
+from tests.reference.ref_python import require_ref_python  # noqa: E402
 
 ROOT = os.path.join(os.path.dirname(__file__), "..")
-TORCH_PYTHON = os.environ.get("REF_PYTHON", "/work/venvs/ref311/bin/python")
 RECIPES = {
     "tiny": [],
     "small": ["model.overrides={hidden_size: 384, layer_pattern: 'MEM*EMEM', num_attention_heads: 6, head_dim: 64, "
@@ -68,7 +68,7 @@ def time_ours(cfg, batches, steps):
 def time_torch(config, batch_file, steps):
     with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
         json.dump(config.to_hf(), f)
-    out = subprocess.run([TORCH_PYTHON, os.path.join(ROOT, "benchmarks", "_torch_sft_step.py"), "--config", f.name,
+    out = subprocess.run([require_ref_python(), os.path.join(ROOT, "benchmarks", "_torch_sft_step.py"), "--config", f.name,
                           "--batches", batch_file, "--steps", str(steps)], capture_output=True, text=True, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])["step_s"]
 

@@ -5,7 +5,8 @@ for every parameter) for the same small NemotronH config (M, E and * blocks) in 
 
 * cascade_jax: `jax.jit(jax.value_and_grad(loss))` over the nnx.split parameters; data pre-generated,
   compile time reported separately and excluded, every step ends in block_until_ready.
-* torch: `benchmarks/_torch_train_step.py` in the 3.11 reference venv builds
+* torch: `benchmarks/_torch_train_step.py` in the reference Python (.venv-ref, see
+  tests/reference/ref_python.py) builds
   `NemotronHForCausalLM(NemotronHConfig(**config.to_hf()))` and times `loss.backward()` steps
   (torch.set_num_threads = number of cores).
 
@@ -33,8 +34,7 @@ from flax import nnx
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))   # the repo's cascade_jax, whatever the venv's editable install says
 import cascade_jax  # noqa: E402
-
-TORCH_PYTHON = "/work/venvs/ref311/bin/python"
+from tests.reference.ref_python import require_ref_python  # noqa: E402
 
 
 def make_config(args) -> cascade_jax.ModelConfig:
@@ -106,7 +106,7 @@ def main():
         with open(os.path.join(tmp, "config.json"), "w") as f:
             json.dump(config.to_hf(), f)
         torch_proc = subprocess.Popen(
-            [TORCH_PYTHON, os.path.join(HERE, "_torch_train_step.py"), "--config", tmp, "--steps", str(args.steps),
+            [require_ref_python(), os.path.join(HERE, "_torch_train_step.py"), "--config", tmp, "--steps", str(args.steps),
              "--seq-len", str(args.seq_len), "--batch", str(args.batch), "--serve"],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         torch_first = json.loads(torch_proc.stdout.readline())   # torch builds + warms up + round 0 alone

@@ -1,9 +1,9 @@
 #!/usr/bin/env python
 """Generate HF transformers reference fixtures for the JAX NemotronH parity tests.
 
-Run with the Python 3.11 reference venv (see tests/reference/README.md):
+Run with the reference Python (`bash scripts/setup_reference.sh` makes it; see tests/reference/README.md):
 
-    /work/venvs/ref311/bin/python tests/reference/make_fixtures.py [--only NAME ...] [--check-only]
+    .venv-ref/bin/python tests/reference/make_fixtures.py [--only NAME ...] [--check-only]
 
 For each tiny random config it writes ``tests/fixtures/hf/<name>/``:
 
