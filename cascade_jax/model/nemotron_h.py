@@ -11,6 +11,7 @@ from jaxtyping import Array, Float, Int
 
 from cascade_jax.config import ModelConfig
 from cascade_jax.model.attention import AttentionMixer
+from cascade_jax.model.cache import HybridCache
 from cascade_jax.model.embedding import embed_lookup
 from cascade_jax.model.expert_parallel import STRATEGIES
 from cascade_jax.model.layers import Linear, RMSNorm
@@ -50,6 +51,7 @@ class ModelOutput:
     hidden_states: Float[Array, "B T D"]   # after norm_f: the input of lm_head
     expert_load: Int[Array, "L_moe E"]     # tokens routed to each expert, per MoE layer
     dropped_tokens: Int[Array, ""] | None = None   # (token, expert) pairs past a dispatch capacity, all layers
+    cache: HybridCache | None = None               # the updated cache, when one was passed in
 
 
 class Block(nnx.Module):
@@ -70,19 +72,22 @@ class Block(nnx.Module):
         else:
             self.mixer = MLP(config, config.intermediate_size, **kw)
 
-    def __call__(self, h, segment_ids, token_mask):
+    def __call__(self, h, segment_ids, token_mask, cache=None, lengths=None):
+        """(h + mixer(norm(h)), MoE stats or None, the layer's new cache or None)."""
         # Pinned (under a mesh) so GSPMD gathers FSDP weights instead of resharding tokens by hidden size.
         u = constrain(self.norm(constrain(h, ACTIVATION_AXES)), ACTIVATION_AXES)
         stats = None   # MoE only: (tokens per expert, dropped assignments)
         if self.letter == "M":
-            out = self.mixer(u, segment_ids)
+            out = self.mixer(u, segment_ids) if cache is None else self.mixer(u, segment_ids, cache)
         elif self.letter == "E":
             out, *stats = self.mixer.forward_with_stats(u, token_mask)
         elif self.letter == "*":
-            out = self.mixer(u, segment_ids)
+            out = self.mixer(u, segment_ids) if cache is None else self.mixer(u, segment_ids, cache, lengths)
         else:
             out = self.mixer(u)
-        return h + constrain(out.astype(h.dtype), ACTIVATION_AXES), stats
+        if isinstance(out, tuple):
+            out, cache = out
+        return h + constrain(out.astype(h.dtype), ACTIVATION_AXES), stats, cache
 
 
 class NemotronH(nnx.Module):
@@ -115,27 +120,34 @@ class NemotronH(nnx.Module):
         segment_ids: Int[Array, "B T"] | None = None,
         *,
         compute_logits: bool = True,
+        cache: HybridCache | None = None,
     ) -> ModelOutput:
         """`segment_ids` marks the documents of a packed row (0 = padding): nothing crosses a boundary.
 
         With `compute_logits=False` only the final hidden states are returned, so a chunked loss can
-        apply lm_head without ever building [tokens, vocab].
+        apply lm_head without ever building [tokens, vocab]. With `cache` (inference) the tokens continue
+        each row of the cache at `cache.lengths` (a prefill, or one decoded token per row) and the
+        output carries the updated cache; the math is that of the same tokens in one whole row.
         """
         h = constrain(embed_lookup(self.embeddings.embedding[...], input_ids, self.dtype), ACTIVATION_AXES)
         token_mask = None if segment_ids is None else segment_ids > 0
-        loads, dropped = [], jnp.zeros((), jnp.int32)
-        for block in self.layers:
-            if self.remat == "none":
-                h, stats = block(h, segment_ids, token_mask)
+        loads, dropped, new_layers = [], jnp.zeros((), jnp.int32), []
+        for i, block in enumerate(self.layers):
+            if cache is not None:
+                h, stats, layer_cache = block(h, segment_ids, token_mask, cache.layers[i], cache.lengths)
+                new_layers.append(layer_cache)
+            elif self.remat == "none":
+                h, stats, _ = block(h, segment_ids, token_mask)
             else:
-                h, stats = _rematerialized(block, REMAT_POLICIES[self.remat], h, segment_ids, token_mask)
+                h, stats, _ = _rematerialized(block, REMAT_POLICIES[self.remat], h, segment_ids, token_mask)
             h = constrain(h, ACTIVATION_AXES)   # residual stream: rows over the batch axes, whole on tensor ranks
             if stats is not None:
                 loads.append(stats[0])
                 dropped = dropped + stats[1]
         hidden = self.norm_f(h)
         expert_load = jnp.stack(loads) if loads else jnp.zeros((0, self.config.n_routed_experts), jnp.int32)
-        return ModelOutput(self.logits(hidden) if compute_logits else None, hidden, expert_load, dropped)
+        new_cache = None if cache is None else HybridCache(tuple(new_layers), cache.lengths + input_ids.shape[1])
+        return ModelOutput(self.logits(hidden) if compute_logits else None, hidden, expert_load, dropped, new_cache)
 
     def logits(self, hidden: Float[Array, "... D"]) -> Float[Array, "... V"]:
         flat = hidden.reshape(-1, hidden.shape[-1]).astype(self.dtype)

@@ -168,3 +168,24 @@ def ssd_chunked(
 
     y = y.reshape(batch, chunks * chunk_size, heads, head_dim)[:, :length]
     return y, final_state
+
+
+def ssd_step(
+    x: Float[Array, "B H P"],
+    dt: Float[Array, "B H"],
+    A: Float[Array, "H"],
+    B: Float[Array, "B G N"],
+    C: Float[Array, "B G N"],
+    state: Float[Array, "B H P N"],
+) -> tuple[Float[Array, "B H P"], Float[Array, "B H P N"]]:
+    """One token of the recurrence (decoding): S ← exp(Δ·A)·S + Δ·x⊗B, y = S·C; fp32 throughout, so a
+    decoded token sees the same state the chunked scan would have carried."""
+    f32 = jnp.float32
+    heads = x.shape[1]
+    x, dt, A = x.astype(f32), dt.astype(f32), A.astype(f32)
+    B = _broadcast_groups(B[:, None].astype(f32), heads)[:, 0]
+    C = _broadcast_groups(C[:, None].astype(f32), heads)[:, 0]
+    decay = jnp.exp(dt * A)                                                   # [B, H]
+    state = decay[..., None, None] * state.astype(f32) + jnp.einsum("bh,bhp,bhn->bhpn", dt, x, B)
+    return jnp.einsum("bhpn,bhn->bhp", state, C), state
+
