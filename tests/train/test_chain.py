@@ -17,6 +17,7 @@ from cascade_jax.train.config import load_sft_config
 from cascade_jax.train.optimizer import build_optimizer
 from cascade_jax.train.sft import build_model
 from cascade_jax.train.state import init_train_state
+from tests.reference.ref_python import HOW_TO_GET_IT, ref_python
 
 REPO = os.path.join(os.path.dirname(__file__), "..", "..")
 RECIPE = os.path.join(REPO, "configs", "sft", "tiny.yaml")
@@ -96,3 +97,18 @@ def test_a_later_run_starts_from_the_run_directory(run_dir, tmp_path):
     start = _logits(_trained_model(run_dir, 3))
     after = _logits(cj.load_pretrained(later))
     np.testing.assert_allclose(after, start, atol=1e-5 * np.abs(start).max())
+
+
+@pytest.mark.skipif(ref_python() is None, reason=f"no reference Python: {HOW_TO_GET_IT}")
+def test_export_of_the_run_runs_in_transformers(run_dir, tmp_path):
+    """The reference check (Python 3.11 + transformers) on the export of the real trained run."""
+    export = tmp_path / "hf"
+    _run("-m", "tools.convert_hf", "to-hf", "--ckpt", str(run_dir), "--out", str(export), "--no-progress")
+    ids = np.asarray(TOKENS)
+    np.savez(tmp_path / "expected.npz", input_ids=ids, logits=_logits(cj.load_pretrained(export)).astype(np.float32))
+    check = subprocess.run([str(ref_python()), os.path.join(REPO, "tests", "reference", "check_export.py"),
+                            str(export), "--expect-logits", str(tmp_path / "expected.npz")],
+                           capture_output=True, text=True, timeout=600)
+    assert check.returncode == 0, check.stdout + check.stderr[-3000:]
+    assert check.stdout.startswith("ok: ") and "max |Δlogit| = " in check.stdout, check.stdout
+
