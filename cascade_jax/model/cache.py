@@ -40,6 +40,12 @@ class HybridCache:
     lengths: Int[Array, "B"]
 
     @property
+    def dtype(self):
+        """The dtype of keys, values and conv inputs (the SSM state is always fp32)."""
+        layer = next(c for c in self.layers if c is not None)
+        return layer.conv.dtype if isinstance(layer, MambaCache) else layer.k.dtype
+
+    @property
     def max_len(self) -> int:
         return next((c.k.shape[1] for c in self.layers if isinstance(c, KVCache)), 0)
 
