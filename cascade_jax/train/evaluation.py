@@ -15,7 +15,8 @@ from flax import nnx
 from cascade_jax.data import ChatTokenizer, SFTData
 from cascade_jax.data.config import DataConfig, SourceConfig
 from cascade_jax.data.tasks import verify
-from cascade_jax.inference.greedy import greedy_generate
+from cascade_jax.inference import Engine, SamplingParams, generate
+from cascade_jax.inference.engine import prompt_width
 from cascade_jax.train.state import TrainState
 from cascade_jax.train.step import eval_loss_sums
 
@@ -74,10 +75,16 @@ class TaskAccuracy:
         self.max_new_tokens = max_new_tokens
         self.prompts = [tokenizer.encode_prompt(r["messages"], r.get("tools"), enable_thinking=thinking)
                         for r in tasks]
+        self.params = SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0,
+                                     stop_token_ids=(tokenizer.eos_id,))
+        self.engine: Engine | None = None   # made at the first evaluation, then reused (compiled once)
 
     def __call__(self, state: TrainState, step: int) -> dict[str, float]:
         model = nnx.merge(self.graphdef, state.params, state.expert_bias)
-        answers = greedy_generate(model, self.prompts, self.max_new_tokens, [self.tokenizer.eos_id])
+        if self.engine is None:
+            width = max(prompt_width(len(p)) for p in self.prompts)
+            self.engine = Engine(model, max_slots=min(len(self.prompts), 64), max_len=width + self.max_new_tokens)
+        answers = [c.tokens for c in generate(model, self.prompts, self.params, engine=self.engine)]
         rewards = [verify(self.tokenizer.decode(a, skip_special_tokens=True), r["verifier"])
                    for a, r in zip(answers, self.tasks)]
         return {"eval_accuracy": float(np.mean(np.asarray(rewards) >= 1.0)), "eval_reward": float(np.mean(rewards))}
