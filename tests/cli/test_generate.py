@@ -95,3 +95,15 @@ def test_bad_ckpt_is_one_line_error(tmp_path):
     result = cli("--ckpt", tmp_path / "missing", "--prompt", "hi")
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines() == [f"cascade-generate: error: {tmp_path / 'missing'}: no such directory"]
+
+
+def test_text_stream_never_splits_a_character():
+    from cascade_jax.cli.generate import BUNDLED_TOKENIZER, TextStream
+    from cascade_jax.data.tokenize import ChatTokenizer
+
+    tokenizer = ChatTokenizer(BUNDLED_TOKENIZER)
+    text = "héllo 日本語 — ok"
+    ids = tokenizer.encode_text(text) + [tokenizer.eos_id]
+    stream = TextStream(tokenizer, [tokenizer.eos_id])
+    pieces = [stream.push([i]) for i in ids] + [stream.flush()]
+    assert "".join(pieces) == tokenizer.decode(ids[:-1]) and not any("\ufffd" in p for p in pieces)
