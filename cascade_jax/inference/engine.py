@@ -140,7 +140,7 @@ class Engine:
         index = next(self._prompt_counter)
         group = [Request(prompt, params, seed, i, index, on_tokens) for i in range(params.n)]
         self.waiting.append(group)
-        return group
+        return list(group)   # the queued group empties as its requests get slots
 
     def cancel(self, request: Request) -> None:
         """Stop a request now (e.g. its client went away); its slot is free for the next prompt."""
@@ -262,7 +262,7 @@ def _prefill_into_slots(state, cache, slots, tokens, segments, slot_index, sourc
     model = nnx.merge(graphdef, state)
     fresh = HybridCache.init(model.config, tokens.shape[0], cache.max_len, cache.dtype)
     prefilled = model(tokens, segments, compute_logits=False, cache=fresh).cache
-    cache = cache.with_rows(slot_index, prefilled.rows(source_row))
+    cache = cache.with_rows(slot_index, prefilled.rows(source_row)).constrained()
     put = lambda a, v: a.at[slot_index].set(v, mode="drop")  # noqa: E731
     slots = Slots(last_token=put(slots.last_token, fill["last_token"]),
                   running=put(slots.running, jnp.ones_like(slot_index, bool)),
@@ -293,7 +293,7 @@ def _decode_chunk(state, cache, slots, *, graphdef, steps):
         slots = dataclasses.replace(slots, last_token=jnp.where(emitted, token, slots.last_token),
                                     running=slots.running & ~finished,
                                     stopped=slots.stopped | (finished & hit_stop), generated=generated)
-        return (out.cache, slots), (token, logprob, model_logprob, emitted)
+        return (out.cache.constrained(), slots), (token, logprob, model_logprob, emitted)
 
     (cache, slots), out = jax.lax.scan(one_token, (cache, slots), None, length=steps)
     return cache, slots, out

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 from jaxtyping import Array, Float, Int
 
 from cascade_jax.config import ModelConfig
+from cascade_jax.parallel.rules import constrain
 
 
 @jax.tree_util.register_dataclass
@@ -66,6 +67,21 @@ class HybridCache:
             else:
                 layers.append(None)
         return cls(tuple(layers), jnp.zeros((batch,), jnp.int32))
+
+    def constrained(self) -> HybridCache:
+        """Pinned to the rules table under a mesh: rows over the batch axes, heads over `tensor` (a no-op
+        without a mesh). Called on the cache a jitted step returns, so it stays sharded across steps."""
+        def pin(layer):
+            if isinstance(layer, MambaCache):
+                return MambaCache(constrain(layer.conv, ("batch", None, "mamba_conv")),
+                                  constrain(layer.ssm, ("batch", "mamba_heads", None, None)))
+            if isinstance(layer, KVCache):
+                kv = ("batch", None, "kv_heads", None)
+                return KVCache(constrain(layer.k, kv), constrain(layer.v, kv),
+                               constrain(layer.segment_ids, ("batch", None)))
+            return layer
+
+        return HybridCache(tuple(pin(layer) for layer in self.layers), constrain(self.lengths, ("batch",)))
 
     def rows(self, index: Int[Array, "R"]) -> HybridCache:
         """The cache of rows `index` (e.g. one prefilled prompt copied into n rows)."""
