@@ -14,6 +14,7 @@ from cascade_jax.parallel import MeshConfig, make_mesh, mesh_context
 @pytest.mark.parametrize("axes, dispatch", [
     (dict(fsdp=2, expert=2, tensor=2), "allgather"),
     pytest.param(dict(expert=4, fsdp=2), "all_to_all", marks=pytest.mark.slow),
+    pytest.param(dict(data=2, fsdp=4), "local", marks=pytest.mark.slow),
 ])
 def test_sharded_generation_matches_one_device(fixtures_dir, axes, dispatch):
     path = fixtures_dir / "hf" / "mamba_moe_attn"
@@ -28,4 +29,7 @@ def test_sharded_generation_matches_one_device(fixtures_dir, axes, dispatch):
         assert [c.tokens for c in generate(model, prompts, params, engine=engine)] == expected
     kv = next(layer for layer in engine.cache.layers if isinstance(layer, KVCache))
     # 4 slots: over fsdp × expert when that divides them, else the major axis alone
-    assert kv.k.sharding.spec[0] == (("fsdp", "expert") if axes.get("expert", 1) * axes["fsdp"] <= 4 else "fsdp")
+    batch_axes = [a for a in ("data", "fsdp", "expert") if axes.get(a, 1) > 1]
+    while np.prod([axes[a] for a in batch_axes]) > 4:   # 4 slots: the minor axes drop out until it divides
+        batch_axes.pop()
+    assert kv.k.sharding.spec[0] == (batch_axes[0] if len(batch_axes) == 1 else tuple(batch_axes))
