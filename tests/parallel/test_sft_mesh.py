@@ -29,7 +29,8 @@ def _metrics(run_dir):
 def test_mesh_run_matches_one_device_and_resumes(tmp_path):
     run_sft(load_sft_config(RECIPE, SMALL + [f"run_dir={tmp_path / 'one'}", "train.steps=3"]))
     run_sft(load_sft_config(RECIPE, SMALL + MESH + [f"run_dir={tmp_path / 'mesh'}", "train.steps=2"]))
-    run_sft(load_sft_config(RECIPE, SMALL + MESH + [f"run_dir={tmp_path / 'mesh'}", "train.steps=3"]))  # resumes
+    run_sft(load_sft_config(RECIPE, SMALL + MESH + [f"run_dir={tmp_path / 'mesh'}", "train.steps=3",
+                                                   "allow_config_change=true"]))  # resumes, to a longer run
     one, mesh = _metrics(tmp_path / "one"), _metrics(tmp_path / "mesh")
     for step in (1, 2, 3):
         assert abs(mesh[step]["loss"] - one[step]["loss"]) <= 1e-4 * one[step]["loss"], (step, mesh, one)
