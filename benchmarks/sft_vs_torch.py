@@ -25,7 +25,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from cascade_jax.data import SFTData  # noqa: E402
 from cascade_jax.train.config import load_sft_config  # noqa: E402
 from cascade_jax.train.optimizer import build_optimizer  # noqa: E402
-from cascade_jax.train.sft import build_model  # noqa: E402
+from cascade_jax.train.setup import build_model  # noqa: E402
 from cascade_jax.train.state import init_train_state  # noqa: E402
 from cascade_jax.train.step import NextTokenLoss, train_step  # noqa: E402
 from tests.reference.ref_python import require_ref_python  # noqa: E402

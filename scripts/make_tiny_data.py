@@ -1,7 +1,8 @@
 """Generates the bundled tiny-demo data: SFT conversations, RL prompts and held-out eval sets.
 
 Files: ``sft.jsonl`` (training chats), ``sft_eval.jsonl`` (held-out chats, for eval loss),
-``rl.jsonl`` (RL prompts with verifier specs), ``eval.jsonl`` (held-out prompts with verifier specs).
+``rl.jsonl`` (RL prompts with verifier specs), ``eval.jsonl`` (held-out prompts with verifier specs), and
+their math subsets ``rl_math.jsonl`` / ``eval_math.jsonl`` (the tiny GRPO demo's prompts and held-out set).
 
     python scripts/make_tiny_data.py [--out cascade_jax/data/assets/tiny] [--seed 0]
 
@@ -100,6 +101,8 @@ def main() -> None:
               "rl": [prompt_sample(rng, seen) for _ in range(args.rl)],
               "sft": [sft_sample(rng, seen) for _ in range(args.sft)]}
     splits["sft_eval"] = [sft_sample(rng, seen) for _ in range(args.sft_eval)]  # held-out eval loss
+    for name in ("rl", "eval"):
+        splits[f"{name}_math"] = [row for row in splits[name] if row["domain"] == "math"]
     for name, rows in splits.items():
         path = os.path.join(args.out, f"{name}.jsonl")
         with open(path + ".tmp", "w") as f:

@@ -1,4 +1,5 @@
-"""design.md §2: dependencies point down (cli → train/rl → inference/data/weights → model → ops), `parallel`
+"""design.md §2: dependencies point down (cli → rl → train → inference/data/weights → model → ops; rl runs
+its GRPO stage on train's loop and step, so it sits above train), `parallel`
 and `config` import no other package of cascade_jax, and nothing imports `cli`. Read from the source (ast),
 so an import inside a function counts too."""
 
@@ -9,7 +10,7 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parent.parent / "cascade_jax"
 # a package may import only packages of a strictly lower level
 LEVEL = {"config": 0, "parallel": 0, "ops": 1, "model": 2, "inference": 3, "data": 3, "weights": 3,
-         "train": 4, "rl": 4, "cli": 5,
+         "train": 4, "rl": 4.5, "cli": 5,
          "<top>": 3.5}   # `import cascade_jax` itself (config, model, load_pretrained): for train, rl and cli
 
 

@@ -1,6 +1,6 @@
 """The work behind cascade-plan: run config → abstract sharded train state → compiled train step → byte counts.
 
-Everything a run would build comes from its `SFTConfig` the way `cascade_jax.train.sft` builds it (model
+Everything a run would build comes from its `SFTConfig` the way `cascade_jax.train.setup` builds it (model
 section, optimizer, step settings, mesh), except the grouped matmul: XLA:CPU expands `ragged_dot` into a
 dense matmul per expert, so the plan registers a stand-in with the FLOPs and buffers of a real one.
 """
@@ -55,7 +55,7 @@ grouped_matmul_ops.register_backend(STANDIN, _standin_grouped_matmul)
 def model_config_of(section: ModelSection) -> ModelConfig:
     """The ModelConfig a run with this model section trains, without reading any weights: from
     `from_pretrained` (an HF directory's config.json or a checkpoint's cascade_config.json) or the preset
-    with `overrides` (as `train.sft.build_model` does)."""
+    with `overrides` (as `train.setup.build_model` does)."""
     if section.from_pretrained:
         path = os.fspath(section.from_pretrained)
         try:
@@ -101,7 +101,7 @@ def check_model_section(section: ModelSection) -> None:
 
 
 def plan_model(config: ModelConfig, section: ModelSection) -> NemotronH:
-    """The run's model (`train.sft.build_model`) as an abstract NNX module, with the stand-in grouped matmul."""
+    """The run's model (`train.setup.build_model`) as an abstract NNX module, with the stand-in grouped matmul."""
     backends = dataclasses.replace(section.backends, grouped_matmul=STANDIN)
     return nnx.eval_shape(lambda: NemotronH(config, rngs=nnx.Rngs(0), dtype=jnp.dtype(section.dtype),
                                             param_dtype=jnp.dtype(section.param_dtype), backends=backends,

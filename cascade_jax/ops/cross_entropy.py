@@ -3,6 +3,10 @@
 Logits exist for one chunk of tokens at a time ([chunk, V] in fp32), in the forward pass and, because
 each chunk is rematerialised, in the backward pass too: memory is O(chunk × V), never O(tokens × V).
 
+With `sampling=(temperature, top_k, top_p)` the log-probs are those of the distribution a sampler with
+those settings drew from (`cascade_jax.ops.sampling.filtered_logits`): what RL importance weights and
+policy-gradient losses need for tokens sampled at top-p < 1. A token outside the kept set gets -inf.
+
 Under a mesh the tokens arrive split over the token axes; each step of the loop then takes `chunk_size`
 tokens from every shard at once (a shard-aligned [steps, shards, chunk] layout), so no device waits on
 another's chunk and the loop never reshards, and lm_head is gathered once, in the compute dtype.
@@ -16,11 +20,17 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, Int
 
+from cascade_jax.ops.sampling import filtered_logits
 from cascade_jax.parallel.rules import constrain, logical_to_spec
 
 
-def _chunk_log_probs(hidden, kernel, targets):
+def _chunk_log_probs(hidden, kernel, targets, sampling):
     logits = jnp.dot(hidden, kernel.astype(hidden.dtype), preferred_element_type=jnp.float32)
+    if sampling is not None:
+        rows = logits.shape[0]
+        temperature, top_k, top_p = (jnp.broadcast_to(jnp.asarray(x), (rows,)) for x in sampling)
+        log_probs = filtered_logits(logits, temperature, top_k, top_p)
+        return jnp.take_along_axis(log_probs, targets[:, None], axis=-1)[:, 0]
     target_logits = jnp.take_along_axis(logits, targets[:, None], axis=-1)[:, 0]
     return target_logits - jax.nn.logsumexp(logits, axis=-1)
 
@@ -30,8 +40,10 @@ def token_log_probs(
     kernel: Float[Array, "D V"],
     targets: Int[Array, "N"],
     chunk_size: int = 512,
+    sampling: tuple | None = None,
 ) -> Float[Array, "N"]:
-    """log softmax(hidden @ kernel)[targets] in fp32, computed `chunk_size` tokens at a time."""
+    """log softmax(hidden @ kernel)[targets] in fp32, computed `chunk_size` tokens at a time; with
+    `sampling=(temperature, top_k, top_p)` (scalars) under the sampler's filtered distribution instead."""
     num_tokens = hidden.shape[0]
     shards = _token_shards(num_tokens)
     local = num_tokens // shards
@@ -39,7 +51,7 @@ def token_log_probs(
     pad = -local % chunk_size
     steps = (local + pad) // chunk_size
     kernel = constrain(kernel.astype(hidden.dtype), (None, "act_vocab"))
-    body = jax.checkpoint(lambda h, t: _chunk_log_probs(h, kernel, t))
+    body = jax.checkpoint(lambda h, t: _chunk_log_probs(h, kernel, t, sampling))
 
     def by_step(x):   # [N, ...] → [steps, shards, chunk, ...], each shard's tokens contiguous
         x = jnp.pad(x.reshape(shards, local, *x.shape[1:]), ((0, 0), (0, pad)) + ((0, 0),) * (x.ndim - 1))

@@ -35,9 +35,9 @@ class ModelSection:
     backends: Backends = dataclasses.field(default_factory=Backends)   # kernels and MoE dispatch
 
     def __post_init__(self):
-        _choice("model.dtype", self.dtype, ("float32", "bfloat16", "float16"))
-        _choice("model.param_dtype", self.param_dtype, ("float32", "bfloat16", "float16"))
-        _choice("model.remat", self.remat, ("none", "full", "dots"))
+        one_of("model.dtype", self.dtype, ("float32", "bfloat16", "float16"))
+        one_of("model.param_dtype", self.param_dtype, ("float32", "bfloat16", "float16"))
+        one_of("model.remat", self.remat, ("none", "full", "dots"))
         if self.from_pretrained is None:
             from cascade_jax.config import ModelConfig
 
@@ -65,17 +65,17 @@ class OptimizerSection:
     freeze_router: bool = False
 
     def __post_init__(self):
-        _at_least("optimizer.lr", self.lr, 0.0, strict=True)
-        _at_least("optimizer.min_lr", self.min_lr, 0.0)
-        _at_least("optimizer.warmup_steps", self.warmup_steps, 0)
-        _at_least("optimizer.decay_steps", self.decay_steps, 1, none_ok=True)
+        at_least("optimizer.lr", self.lr, 0.0, strict=True)
+        at_least("optimizer.min_lr", self.min_lr, 0.0)
+        at_least("optimizer.warmup_steps", self.warmup_steps, 0)
+        at_least("optimizer.decay_steps", self.decay_steps, 1, none_ok=True)
         for name in ("b1", "b2"):
             value = getattr(self, name)
             if not 0.0 <= value < 1.0:
                 raise ValueError(f"optimizer.{name}: expected a value in [0, 1), got {value}")
-        _at_least("optimizer.eps", self.eps, 0.0, strict=True)
-        _at_least("optimizer.weight_decay", self.weight_decay, 0.0)
-        _at_least("optimizer.clip_norm", self.clip_norm, 0.0, strict=True, none_ok=True)
+        at_least("optimizer.eps", self.eps, 0.0, strict=True)
+        at_least("optimizer.weight_decay", self.weight_decay, 0.0)
+        at_least("optimizer.clip_norm", self.clip_norm, 0.0, strict=True, none_ok=True)
 
 
 @dataclasses.dataclass
@@ -85,7 +85,7 @@ class MoESection:
     bias_update_rate: float = 1e-3
 
     def __post_init__(self):
-        _at_least("moe.bias_update_rate", self.bias_update_rate, 0.0)
+        at_least("moe.bias_update_rate", self.bias_update_rate, 0.0)
 
 
 @dataclasses.dataclass
@@ -108,10 +108,10 @@ class TrainSection:
     def __post_init__(self):
         for name in ("steps", "micro_batches", "log_every", "eval_batches", "accuracy_eval_samples",
                      "accuracy_max_new_tokens", "loss_chunk_size"):
-            _at_least(f"train.{name}", getattr(self, name), 1)
-        _at_least("train.eval_every", self.eval_every, 0)
-        _at_least("train.accuracy_eval_every", self.accuracy_eval_every, 0)
-        _at_least("train.peak_flops_per_device", self.peak_flops_per_device, 0.0, strict=True, none_ok=True)
+            at_least(f"train.{name}", getattr(self, name), 1)
+        at_least("train.eval_every", self.eval_every, 0)
+        at_least("train.accuracy_eval_every", self.accuracy_eval_every, 0)
+        at_least("train.peak_flops_per_device", self.peak_flops_per_device, 0.0, strict=True, none_ok=True)
         for name in ("eval_data", "accuracy_eval_tasks"):
             path = getattr(self, name)
             if path is not None and not os.path.isfile(path):
@@ -125,8 +125,8 @@ class CheckpointSection:
     async_save: bool = True
 
     def __post_init__(self):
-        _at_least("checkpoint.every", self.every, 1)
-        _at_least("checkpoint.keep", self.keep, 1)
+        at_least("checkpoint.every", self.every, 1)
+        at_least("checkpoint.keep", self.keep, 1)
 
 
 @dataclasses.dataclass
@@ -147,14 +147,14 @@ class RunConfigError(ValueError):
     """A bad config file or override; the message is one line."""
 
 
-def _at_least(name: str, value, low, *, strict: bool = False, none_ok: bool = False) -> None:
+def at_least(name: str, value, low, *, strict: bool = False, none_ok: bool = False) -> None:
     if value is None and none_ok:
         return
     if value is None or value < low or (strict and value == low):
         raise ValueError(f"{name}: expected a number {'>' if strict else '>='} {low}, got {value}")
 
 
-def _choice(name: str, value, allowed) -> None:
+def one_of(name: str, value, allowed) -> None:
     if value not in allowed:
         raise ValueError(f"{name}: expected one of {list(allowed)}, got {value!r}")
 

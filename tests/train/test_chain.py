@@ -15,7 +15,7 @@ import cascade_jax as cj
 from cascade_jax.train.checkpoint import RunCheckpoints
 from cascade_jax.train.config import load_sft_config
 from cascade_jax.train.optimizer import build_optimizer
-from cascade_jax.train.sft import build_model
+from cascade_jax.train.setup import build_model
 from cascade_jax.train.state import init_train_state
 from tests.reference.ref_python import HOW_TO_GET_IT, ref_python
 

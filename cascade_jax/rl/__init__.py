@@ -1,0 +1,1 @@
+"""Reinforcement learning: pure GRPO/MOPD losses, rewards, rollouts and the GRPO stage loop."""
