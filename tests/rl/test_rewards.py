@@ -11,7 +11,7 @@ import pytest
 
 from cascade_jax.data.chat_template import render_tool_calls
 from cascade_jax.data.tasks import TASKS
-from cascade_jax.rl.rewards import REWARDS, compute_reward
+from cascade_jax.rl.rewards import REWARDS, compute_reward, strip_end_tokens
 
 ASSETS = pathlib.Path(__file__).parents[2] / "cascade_jax" / "data" / "assets" / "tiny"
 HAS_SANDBOX = importlib.util.find_spec("cascade_jax.rl.sandbox") is not None
@@ -229,6 +229,15 @@ def test_unknown_kind():
         compute_reward("x", {"domain": "math"})
 
 
+def test_end_of_turn_tokens_are_not_part_of_the_answer():
+    # Rollouts are decoded with special tokens kept (</think> is one), so they end in <|im_end|> (and pads).
+    assert strip_end_tokens("a <|im_end|><pad><pad>\n") == "a " and strip_end_tokens("a\n") == "a\n"
+    tail = "<|im_end|><pad>"
+    assert reward('<think>x</think>{"name": "Ada", "age": 1}' + tail, kind="json_schema", schema=SCHEMA) == 1.0
+    assert reward("<think>x</think>Bye. P.S. hi" + tail, kind="ifeval",
+                  constraints=[{"type": "end_with", "phrase": "hi"}]) == 1.0
+
+
 def test_required_kinds_are_registered():
     assert {"boxed_number", "math", "mcq", "json_schema", "tool_call", "ifeval", "python_tests"} <= set(REWARDS)
 
@@ -245,6 +254,7 @@ def test_code_right_and_wrong():
     wrong = "```python\ndef add(a, b):\n    return a - b\n```"
     assert reward(right, kind="python_tests", tests=tests, timeout_s=5) == 1.0
     assert reward(wrong, kind="python_tests", tests=tests, timeout_s=5) < 1.0
+    assert reward("```python\nwhile True:\n    pass\n```", kind="python_tests", tests=tests, timeout_s=1) == 0.0
 
 
 # ---------------------------------------------------------------------------- the shipped data

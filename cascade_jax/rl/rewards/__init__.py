@@ -21,6 +21,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from cascade_jax.data.chat_template import IM_END, PAD
 from cascade_jax.rl.rewards.choice import mcq_reward
 from cascade_jax.rl.rewards.code import python_tests_reward
 from cascade_jax.rl.rewards.instruction import ifeval_reward
@@ -44,16 +45,29 @@ REWARDS: dict[str, Reward] = {
 }
 
 
+def strip_end_tokens(response: str) -> str:
+    """``response`` without the trailing ``<|im_end|>`` / ``<pad>`` a rollout decoded with its special tokens ends in.
+
+    Rollouts must be decoded with special tokens kept: ``</think>`` and ``<tool_call>`` are special tokens, and
+    without them the reasoning would count as the answer. The end-of-turn token then trails the answer, where
+    it would break "valid JSON" or "ends with …" checks.
+    """
+    text = response
+    while text.rstrip().endswith((IM_END, PAD)):
+        text = text.rstrip().removesuffix(IM_END).removesuffix(PAD)
+    return text
+
+
 def compute_reward(response: str, metadata: dict) -> tuple[float, dict]:
-    """The reward of ``response`` under ``metadata["verifier"]``, dispatched on its ``kind``."""
+    """The reward of ``response`` (end tokens stripped) under ``metadata["verifier"]``, dispatched on its kind."""
     verifier = metadata.get("verifier") if isinstance(metadata, dict) else None
     if not isinstance(verifier, dict):
         raise ValueError("reward metadata has no 'verifier' object")
     kind = verifier.get("kind")
     if kind not in REWARDS:
         raise ValueError(f"unknown verifier kind {kind!r}; known: {', '.join(sorted(REWARDS))}")
-    reward, details = REWARDS[kind](response, metadata)
+    reward, details = REWARDS[kind](strip_end_tokens(response), metadata)
     return float(reward), details
 
 
-__all__ = ["REWARDS", "Reward", "compute_reward"]
+__all__ = ["REWARDS", "Reward", "compute_reward", "strip_end_tokens"]

@@ -6,8 +6,6 @@ that the other rewards work without it. The verifier's ``timeout_s`` bounds both
 
 from __future__ import annotations
 
-import math
-
 from cascade_jax.data.tasks.python_functions import extract_code
 
 DEFAULT_TIMEOUT_S = 10.0
@@ -25,6 +23,6 @@ def python_tests_reward(response: str, metadata: dict) -> tuple[float, dict]:
     from cascade_jax.rl.sandbox import SandboxLimits, code_reward
 
     timeout_s = float(verifier.get("timeout_s", DEFAULT_TIMEOUT_S))
-    limits = SandboxLimits(wall_seconds=timeout_s, cpu_seconds=max(1, math.ceil(timeout_s)))
+    limits = SandboxLimits(wall_seconds=timeout_s, cpu_seconds=timeout_s)
     reward, details = code_reward(code, tests, limits=limits)
     return float(reward), dict(details)
