@@ -6,7 +6,12 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import pathlib
 import random
+import subprocess
+import sys
+import textwrap
+import threading
 import time
 
 import pytest
@@ -16,6 +21,7 @@ from cascade_jax.data.tasks import TASKS
 from cascade_jax.rl.rewards import compute_reward
 from cascade_jax.rl.rewards.pool import OUTCOMES, RewardPool
 
+ROOT = pathlib.Path(__file__).parents[2]
 TIMEOUT_S = 4.0
 FAKES = ("tests.rl.fake_rewards",)
 HAS_SANDBOX = importlib.util.find_spec("cascade_jax.rl.sandbox") is not None
@@ -131,6 +137,40 @@ def test_close_leaves_no_process():
     while any(_exists(pid) for pid in pids) and time.monotonic() < deadline:
         time.sleep(0.05)  # the fork server reaps its children asynchronously
     assert not any(_exists(pid) for pid in pids), [_state(pid) for pid in pids]
+
+
+def test_a_hung_worker_exits_when_its_lifeline_closes(pool):
+    # What the kernel does when the trainer dies (closes its end of each worker's lifeline), done by hand.
+    def cut() -> None:
+        busy = [w for w in pool._workers if w.item is not None]
+        busy[0].lifeline.close()
+
+    threading.Timer(1.0, cut).start()
+    start = time.monotonic()
+    rewards, details, counts = pool.score(["x"], [meta(kind="test_hang")])
+    assert time.monotonic() - start < TIMEOUT_S  # the worker ended itself before the pool's timeout
+    assert counts["crash"] == 1 and details[0] == {"error": "worker died (exit code 1)", "outcome": "crash"}
+    _check_next_batch(pool)
+
+
+@pytest.mark.slow
+def test_workers_exit_when_the_trainer_dies():
+    # A trainer killed while a reward hangs: the worker must not live on (nor keep its fork server alive).
+    script = textwrap.dedent("""
+        import os, threading
+        from cascade_jax.rl.rewards.pool import RewardPool
+        pool = RewardPool(num_workers=1, timeout_s=600, extra_modules=("tests.rl.fake_rewards",))
+        print(pool._workers[0].process.pid, flush=True)
+        threading.Timer(0.5, os.kill, (os.getpid(), 9)).start()
+        pool.score(["x"], [{"verifier": {"kind": "test_hang"}}])
+    """)
+    out = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == -9, out.stderr[-2000:]
+    pid = int(out.stdout.split()[0])
+    deadline = time.monotonic() + 10.0
+    while _exists(pid) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not _exists(pid), _state(pid)
 
 
 def test_bad_extra_module_fails_at_construction():

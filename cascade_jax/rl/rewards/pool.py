@@ -50,16 +50,19 @@ def _one_line(e: BaseException) -> str:
     return f"{type(e).__name__}: {text}"[:_ERROR_CHARS] if text else type(e).__name__
 
 
-def _exit_with_parent() -> None:
-    """Ends the worker when the trainer dies, even while a reward hangs (the pipe alone would not notice)."""
-    ppid = os.getppid()
+def _exit_with_pool(lifeline) -> None:
+    """Ends the worker as soon as the pool's end of ``lifeline`` closes (close(), or the trainer dies), even
+    while a reward hangs. The parent pid cannot tell: a fork-server child outlives the trainer, and keeps its
+    fork server alive too (every child holds the server's liveness pipe)."""
 
     def watch() -> None:
-        while os.getppid() == ppid:
-            time.sleep(1.0)
+        try:
+            lifeline.recv()
+        except (EOFError, OSError):
+            pass
         os._exit(1)
 
-    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
+    threading.Thread(target=watch, name="pool-lifeline", daemon=True).start()
 
 
 def _score_one(compute, response: str, metadata: dict) -> tuple[float, dict, str]:
@@ -73,7 +76,7 @@ def _score_one(compute, response: str, metadata: dict) -> tuple[float, dict, str
         return 0.0, {"error": _one_line(e), "outcome": "error"}, "error"
 
 
-def _worker_main(conn, modules: tuple[str, ...]) -> None:
+def _worker_main(conn, lifeline, modules: tuple[str, ...]) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the trainer's; it closes the pool
     if hasattr(os, "setpgrp"):
         os.setpgrp()  # own process group: a timeout kills the reward's subprocesses with it
@@ -87,7 +90,7 @@ def _worker_main(conn, modules: tuple[str, ...]) -> None:
     except BaseException as e:
         conn.send(("failed", _one_line(e)))
         return
-    _exit_with_parent()
+    _exit_with_pool(lifeline)
     conn.send(("ready", None))
     while True:
         try:
@@ -108,10 +111,10 @@ def _worker_main(conn, modules: tuple[str, ...]) -> None:
 
 
 class _Worker:
-    __slots__ = ("process", "conn", "ready", "item", "deadline")
+    __slots__ = ("process", "conn", "lifeline", "ready", "item", "deadline")
 
-    def __init__(self, process, conn, start_deadline: float):
-        self.process, self.conn = process, conn
+    def __init__(self, process, conn, lifeline, start_deadline: float):
+        self.process, self.conn, self.lifeline = process, conn, lifeline
         self.ready = False
         self.item: int | None = None
         self.deadline = start_deadline  # start deadline until ready, then the current item's
@@ -129,6 +132,7 @@ def _stop(worker: _Worker, grace_s: float) -> None:
         p.kill()
         p.join(_JOIN_S)
     worker.conn.close()
+    worker.lifeline.close()
     if p.exitcode is not None:
         p.close()
 
@@ -181,11 +185,13 @@ class RewardPool:
     # ------------------------------------------------------------------ workers
     def _start(self) -> _Worker:
         parent, child = self._ctx.Pipe(duplex=True)
-        process = self._ctx.Process(target=_worker_main, args=(child, self.extra_modules), daemon=True,
+        watch_end, lifeline = self._ctx.Pipe(duplex=False)  # only this process holds `lifeline`
+        process = self._ctx.Process(target=_worker_main, args=(child, watch_end, self.extra_modules), daemon=True,
                                     name="reward-worker")
         process.start()
         child.close()
-        return _Worker(process, parent, time.monotonic() + START_TIMEOUT_S)
+        watch_end.close()
+        return _Worker(process, parent, lifeline, time.monotonic() + START_TIMEOUT_S)
 
     def _replace(self, worker: _Worker) -> None:
         _stop(worker, 0.0)
