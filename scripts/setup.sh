@@ -18,6 +18,20 @@ find_python() {
 }
 
 PY=$(find_python) || { echo "error: Python >= 3.12 not found (set PYTHON=/path/to/python3.12)" >&2; exit 1; }
+# bubblewrap gives cascade_jax.rl.sandbox (RL code rewards) its namespace isolation; optional, non-fatal.
+install_bwrap() {
+  command -v bwrap >/dev/null && return 0
+  command -v apt-get >/dev/null || return 1
+  local sudo=""
+  if [ "$(id -u)" -ne 0 ]; then
+    sudo -n true 2>/dev/null || return 1
+    sudo="sudo -n"
+  fi
+  $sudo apt-get install -y -q bubblewrap >/dev/null 2>&1 \
+    || { $sudo apt-get update -q >/dev/null 2>&1 && $sudo apt-get install -y -q bubblewrap >/dev/null 2>&1; }
+}
+install_bwrap || echo "warning: bubblewrap (bwrap) not installed; the code sandbox will use its weaker rlimits-only fallback" >&2
+
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip
 .venv/bin/python -m pip install -q -e ".[test]"
