@@ -78,7 +78,7 @@ class GRPOTask:
         completions = generate(model, prompts, self.sampling, seed=seed, engine=self._engine(model))
         clock["rollout"] = time.perf_counter()
 
-        texts = [self.tokenizer.decode(c.tokens, skip_special_tokens=True) for c in completions]
+        texts = [self.tokenizer.decode(c.tokens, skip_special_tokens=False) for c in completions]
         metas = [{**meta, "prompt_text": _prompt_text(messages)} for meta, messages in
                  zip(group["meta"], group["messages"])]
         rewards, _, counts = self.pool.score(texts, metas)
