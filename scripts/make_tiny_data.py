@@ -2,7 +2,8 @@
 
 Files: ``sft.jsonl`` (training chats), ``sft_eval.jsonl`` (held-out chats, for eval loss),
 ``rl.jsonl`` (RL prompts with verifier specs), ``eval.jsonl`` (held-out prompts with verifier specs), and
-their math subsets ``rl_math.jsonl`` / ``eval_math.jsonl`` (the tiny GRPO demo's prompts and held-out set).
+their per-domain subsets ``rl_<domain>.jsonl`` / ``eval_<domain>.jsonl`` for math and instruction following
+(the tiny GRPO stages' prompts and held-out sets).
 
     python scripts/make_tiny_data.py [--out cascade_jax/data/assets/tiny] [--seed 0]
 
@@ -102,7 +103,8 @@ def main() -> None:
               "sft": [sft_sample(rng, seen) for _ in range(args.sft)]}
     splits["sft_eval"] = [sft_sample(rng, seen) for _ in range(args.sft_eval)]  # held-out eval loss
     for name in ("rl", "eval"):
-        splits[f"{name}_math"] = [row for row in splits[name] if row["domain"] == "math"]
+        for domain, short in (("math", "math"), ("instruction_following", "if")):
+            splits[f"{name}_{short}"] = [row for row in splits[name] if row["domain"] == domain]
     for name, rows in splits.items():
         path = os.path.join(args.out, f"{name}.jsonl")
         with open(path + ".tmp", "w") as f:
