@@ -26,7 +26,10 @@ from cascade_jax.parallel.rules import constrain, logical_to_spec
 
 def _chunk_log_probs(hidden, kernel, targets, sampling):
     logits = jnp.dot(hidden, kernel.astype(hidden.dtype), preferred_element_type=jnp.float32)
-    if sampling is not None:
+    if sampling is not None and sampling[0] > 0 and sampling[1] <= 0 and sampling[2] >= 1:
+        # Temperature only: the filter keeps every token, so skip its sort over the vocabulary.
+        logits = logits / sampling[0]
+    elif sampling is not None:
         rows = logits.shape[0]
         temperature, top_k, top_p = (jnp.broadcast_to(jnp.asarray(x), (rows,)) for x in sampling)
         log_probs = filtered_logits(logits, temperature, top_k, top_p)

@@ -42,7 +42,7 @@ def _one_per_row(prompts, completions, row_len):
     return {k: np.concatenate([r[k] for r in rows]) for k in rows[0]}
 
 
-@pytest.mark.parametrize("temperature, top_p, top_k", [(1.0, 1.0, 0), (1.0, 0.95, 0), (0.8, 0.95, 20)])
+@pytest.mark.parametrize("temperature, top_p, top_k", [(1.0, 1.0, 0), (0.7, 1.0, 0), (1.0, 0.95, 0), (0.8, 0.95, 20)])
 @pytest.mark.parametrize("packed", [False, True], ids=["one-per-row", "packed"])
 def test_training_logprobs_equal_sampler_logprobs(model, temperature, top_p, top_k, packed):
     prompts, params, out = _rollouts(model, temperature, top_p, top_k)
