@@ -17,6 +17,7 @@ starts the next stage like any other checkpoint.
 
 from __future__ import annotations
 
+import os
 import time
 
 import jax
@@ -178,6 +179,13 @@ def run_grpo(cfg: RLConfig) -> LoopResult:
         raise ValueError("mesh: cascade-rl runs on one device for now (set every mesh size to 1)")
     if cfg.model.from_pretrained is None:
         raise ValueError("model.from_pretrained: a GRPO stage starts from a checkpoint (e.g. the SFT run directory)")
+    if not os.path.exists(cfg.model.from_pretrained):
+        raise ValueError(f"model.from_pretrained: no such checkpoint {cfg.model.from_pretrained} (the tiny stage starts "
+                         f"from the SFT run: cascade-sft --config configs/sft/tiny.yaml)")
+    start, run_dir = os.path.abspath(cfg.model.from_pretrained), os.path.abspath(cfg.run_dir)
+    if os.path.commonpath([start, run_dir]) == run_dir:
+        raise ValueError(f"run_dir: {cfg.run_dir} holds the starting checkpoint {cfg.model.from_pretrained}; "
+                         f"write the stage to a new run_dir")
     complete = check_resume(cfg)
     if complete is not None:
         return LoopResult(step=complete["step"], steps=cfg.train.steps, reason="already_complete", metrics={},

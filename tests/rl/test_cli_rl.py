@@ -34,6 +34,15 @@ def test_bad_input_is_one_error_line_and_leaves_no_run(tmp_path, capsys, overrid
     assert not run_dir.exists()
 
 
+def test_a_stage_refuses_to_write_into_its_starting_checkpoint(tmp_path, capsys):
+    start = make_checkpoint(tmp_path / "start")
+    before = sorted(p.name for p in Path(start).iterdir())
+    for run_dir in (start, tmp_path):
+        assert main(["--config", "configs/rl/tiny.yaml", f"run_dir={run_dir}", f"model.from_pretrained={start}"]) == 1
+        assert "holds the starting checkpoint" in capsys.readouterr().err
+    assert sorted(p.name for p in Path(start).iterdir()) == before
+
+
 def _metrics_by_step(run_dir):
     with open(run_dir / "metrics.jsonl") as f:
         rows = [json.loads(line) for line in f]
