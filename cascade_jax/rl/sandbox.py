@@ -547,16 +547,16 @@ def _bwrap_args(bwrap: str, interp: _Interpreter, files: list[str], limits: Sand
         while parent != "/" and not inside(parent, system):
             parents.add(parent)
             parent = os.path.dirname(parent)
+    # The private /tmp comes before the binds: a tmpfs mounted later would hide an interpreter under /tmp.
+    tmpfs_size = str(max(4 * limits.max_file_bytes, 1 << 20))
+    args += ["--proc", "/proc", "--dev", "/dev", "--perms", "1777", "--size", tmpfs_size, "--tmpfs", "/tmp"]
     for d in sorted(parents | {"/etc"}, key=lambda p: (p.count("/"), p)):
         args += ["--perms", "0755", "--dir", d]
     for f in _ETC_FILES:
         args += ["--ro-bind-try", f, f]
     for d in binds:
         args += ["--ro-bind", d, d]
-    tmpfs_size = str(max(4 * limits.max_file_bytes, 1 << 20))
-    args += ["--proc", "/proc", "--dev", "/dev",
-             "--perms", "1777", "--size", tmpfs_size, "--tmpfs", "/tmp",
-             "--perms", "1777", "--size", tmpfs_size, "--tmpfs", WORK_DIR]
+    args += ["--perms", "1777", "--size", tmpfs_size, "--tmpfs", WORK_DIR]
     for host_path in files:
         args += ["--ro-bind", host_path, f"{WORK_DIR}/{os.path.basename(host_path)}"]
     args += ["--remount-ro", "/", "--chdir", WORK_DIR, "--clearenv"]

@@ -4,11 +4,13 @@ with the token as its last argument, and its children carry it too)."""
 
 import os
 import secrets
+import shutil
 import socket
 import subprocess
 import sys
 import threading
 import time
+import venv
 from pathlib import Path
 
 import pytest
@@ -28,11 +30,27 @@ NO_ROOT = "import os, sys\nif os.getuid() == 0:\n    sys.exit('refusing to attac
 @pytest.fixture(params=["bwrap", "rlimits"])
 def mode(request):
     if request.param == "bwrap":
-        try:
-            sandbox._resolve_isolation("bwrap", sandbox._interpreter(None))
-        except RuntimeError as e:
-            pytest.skip(f"bwrap unavailable: {e}")
+        _require_bwrap(None)
     return request.param
+
+
+def _require_bwrap(python):
+    """Skip where bwrap is missing or the kernel forbids its namespaces; any other probe failure is a bug."""
+    try:
+        sandbox._resolve_isolation("bwrap", sandbox._interpreter(python))
+    except RuntimeError as e:
+        if shutil.which("bwrap") is None or "not permitted" in str(e).lower() or "permission" in str(e).lower():
+            pytest.skip(f"bwrap unavailable: {e}")
+        raise
+
+
+def test_bwrap_runs_an_interpreter_that_lives_under_tmp(tmp_path):
+    """A checkout (and its venv) under /tmp stays visible under the sandbox's private /tmp."""
+    venv.create(tmp_path / "venv", symlinks=False, with_pip=False)
+    python = str(tmp_path / "venv" / "bin" / "python")
+    _require_bwrap(python)
+    result = run_python("print(6 * 7)", python=python, limits=LIMITS, isolation="bwrap")
+    assert (result.returncode, result.stdout) == (0, "42\n"), result.stderr
 
 
 def _tokened(token: str, body: str) -> str:
