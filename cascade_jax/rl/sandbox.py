@@ -2,7 +2,7 @@
 
 ``run_python(code)`` runs one program; ``run_tests(code, tests)`` runs a solution and then each ``assert ...``
 test in one sandboxed program and counts the passes; ``code_reward`` turns that into a strict binary reward.
-Standard library only (the reward workers import it; no jax).
+Standard library only (no jax); the programs it runs inside the sandbox are in ``sandbox_programs.py``.
 
 Isolation (``SandboxResult.isolation``; ``isolation="auto"`` takes bwrap when ``bwrap`` is installed and a
 cached probe shows it works, else the fallback):
@@ -59,6 +59,8 @@ import tempfile
 import threading
 import time
 from dataclasses import dataclass, replace
+
+from cascade_jax.rl.sandbox_programs import BOOT, RUNNER
 
 __all__ = ["SandboxLimits", "SandboxResult", "run_python", "run_tests", "code_reward"]
 
@@ -152,50 +154,6 @@ def code_reward(response_code: str, tests: list[str], *, limits: SandboxLimits =
 
 # ------------------------------------------------------------------------------------------------ run_tests
 
-_RUNNER = r'''
-def _cascade_sandbox_runner():
-    import json, os, sys, traceback
-    _write, _exit, _compile, _exec, _len, _str = os.write, os._exit, compile, exec, len, str
-    cfg = json.loads(sys.stdin.buffer.read().decode("utf-8"))
-    null = os.open(os.devnull, os.O_RDONLY)
-    os.dup2(null, 0)
-    os.close(null)
-    nonce, fd, tests = cfg["nonce"], cfg["fd"], cfg["tests"]
-    del cfg
-    os.set_inheritable(fd, False)
-    path = os.path.join(os.getcwd(), "solution.py")
-    with open(path, encoding="utf-8") as f:
-        source = f.read()
-    namespace = {"__name__": "__main__", "__file__": path, "__builtins__": __builtins__}
-    passed, ok = 0, True
-    try:
-        _exec(_compile(source, path, "exec"), namespace)
-    except BaseException:
-        ok = False
-        try:
-            traceback.print_exc()
-        except BaseException:
-            pass
-    if ok:
-        for test in tests:
-            try:
-                _exec(_compile(test, "<test>", "exec"), namespace)
-                passed += 1
-            except BaseException:
-                pass
-    for stream in (sys.stdout, sys.stderr):
-        try:
-            stream.flush()
-        except BaseException:
-            pass
-    _write(fd, (nonce + " " + _str(passed) + " " + _str(_len(tests)) + "\n").encode())
-    _exit(0)
-
-
-_cascade_sandbox_runner()
-'''
-
-
 def _run_tests(code, tests, timeout_s, limits, isolation, python):
     tests = [str(t) for t in tests]
     if not tests:
@@ -206,7 +164,7 @@ def _run_tests(code, tests, timeout_s, limits, isolation, python):
     mode = _resolve_isolation(isolation, interp)
     nonce = secrets.token_hex(16)
     payload = {"nonce": nonce, "tests": tests}   # "fd" is filled in by _execute
-    result, report = _execute({"main.py": _RUNNER, "solution.py": code}, payload, limits, interp, mode,
+    result, report = _execute({"main.py": RUNNER, "solution.py": code}, payload, limits, interp, mode,
                               result_channel=True)
     passed = None
     if result.returncode == 0 and not result.timed_out and not result.output_truncated:
@@ -295,176 +253,7 @@ def _probe_bwrap(bwrap: str, interp: _Interpreter) -> str:
         return _PROBES[key]
 
 
-# ------------------------------------------------------------------------------------------------ bootstrap
-
-# Runs in the sandbox interpreter: ``python -I -S -c _BOOT <config json> <program argv...>``. In bwrap mode it is
-# the sandbox's command: drop to the sandbox uid (as root), set the limits, exec the program. In the fallback it
-# first becomes a supervisor (child subreaper) whose child does that, and kills every descendant at the end.
-_BOOT = r'''
-import json, os, resource, signal, sys
-cfg = json.loads(sys.argv[1])
-argv = sys.argv[2:]
-
-
-def libc():
-    try:
-        import ctypes
-        return ctypes.CDLL(None, use_errno=True)
-    except Exception:
-        return None
-
-
-def capset(lib, bits):
-    import ctypes
-
-    class Header(ctypes.Structure):
-        _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
-
-    class Data(ctypes.Structure):
-        _fields_ = [("effective", ctypes.c_uint32), ("permitted", ctypes.c_uint32), ("inheritable", ctypes.c_uint32)]
-
-    data = (Data * 2)()
-    data[0].effective = data[0].permitted = data[0].inheritable = bits
-    if lib.capset(ctypes.byref(Header(0x20080522, 0)), data) != 0:
-        raise OSError(ctypes.get_errno(), "capset")
-
-
-def drop_privileges(uid):
-    os.setgroups([])
-    os.setresgid(uid, uid, uid)
-    if cfg["mode"] == "bwrap":
-        os.setresuid(uid, uid, uid)
-        return
-    lib = libc()
-    if lib is not None:
-        lib.prctl(8, 1, 0, 0, 0)                                   # PR_SET_KEEPCAPS
-    os.setresuid(uid, uid, 0)                                      # real uid = uid: os.access answers for it
-    lib_dir = os.path.dirname(os.__file__)
-    readable = (os.access(os.path.realpath(argv[0]), os.X_OK) and os.access(os.__file__, os.R_OK)
-                and os.access(os.path.dirname(resource.__file__), os.R_OK | os.X_OK)
-                and os.access(lib_dir, os.R_OK | os.X_OK) and os.access(argv[-1], os.R_OK))
-    os.setresuid(uid, uid, uid)
-    if lib is None:
-        if not readable:
-            raise OSError("the interpreter is not readable by the sandbox uid and ctypes is unavailable")
-        return
-    bit = 1 << 2                                                   # CAP_DAC_READ_SEARCH
-    capset(lib, 0 if readable else bit)
-    if not readable and lib.prctl(47, 2, 2, 0, 0) != 0:           # PR_CAP_AMBIENT, RAISE, CAP_DAC_READ_SEARCH
-        raise OSError(ctypes_errno(), "PR_CAP_AMBIENT_RAISE")
-
-
-def ctypes_errno():
-    import ctypes
-    return ctypes.get_errno()
-
-
-def start_program():
-    try:
-        keep = {0, 1, 2} | set(cfg["keep_fds"])
-        for name in os.listdir("/proc/self/fd"):
-            if int(name) not in keep:
-                try:
-                    os.close(int(name))
-                except OSError:
-                    pass
-        if cfg["uid"] is not None:
-            drop_privileges(cfg["uid"])
-        if cfg["mode"] != "bwrap":
-            lib = libc()
-            if lib is not None:
-                lib.prctl(38, 1, 0, 0, 0)                          # PR_SET_NO_NEW_PRIVS (bwrap sets it itself)
-        for name, soft, hard in cfg["rlimits"]:
-            resource.setrlimit(getattr(resource, name), (soft, hard))
-        os.execv(argv[0], argv)
-    except BaseException as e:
-        try:
-            os.write(2, ("sandbox: cannot start the program: %s\n" % (e,)).encode())
-        finally:
-            os._exit(126)
-
-
-def descendants():
-    children = {}
-    for name in os.listdir("/proc"):
-        if name.isdigit():
-            try:
-                with open("/proc/%s/stat" % name, "rb") as f:
-                    data = f.read()
-            except OSError:
-                continue
-            children.setdefault(int(data[data.rindex(b")") + 2:].split()[1]), []).append(int(name))
-    found, todo = [], [os.getpid()]
-    while todo:
-        for child in children.get(todo.pop(), ()):
-            found.append(child)
-            todo.append(child)
-    return found
-
-
-def reap():
-    while True:
-        try:
-            pid, _ = os.waitpid(-1, os.WNOHANG)
-        except ChildProcessError:
-            return
-        if pid == 0:
-            return
-
-
-def supervise():
-    lib = libc()
-    if lib is not None:
-        lib.prctl(36, 1, 0, 0, 0)                                  # PR_SET_CHILD_SUBREAPER
-    waited = {signal.SIGCHLD, signal.SIGTERM}
-    signal.pthread_sigmask(signal.SIG_BLOCK, waited)
-    pid = os.fork()
-    if pid == 0:
-        signal.pthread_sigmask(signal.SIG_SETMASK, set())
-        start_program()
-    null = os.open(os.devnull, os.O_RDWR)
-    for fd in (0, 1, 2):
-        os.dup2(null, fd)
-    for fd in cfg["keep_fds"]:
-        try:
-            os.close(fd)
-        except OSError:
-            pass
-    status = None
-    while status is None:
-        if signal.sigwait(waited) == signal.SIGTERM:
-            break
-        while True:
-            try:
-                done, st = os.waitpid(-1, os.WNOHANG)
-            except ChildProcessError:
-                break
-            if done == 0:
-                break
-            if done == pid:
-                status = st
-    for _ in range(10000):
-        reap()
-        found = descendants()
-        if not found:
-            break
-        for child in found:
-            try:
-                os.kill(child, signal.SIGKILL)
-            except OSError:
-                pass
-    if status is None:
-        os._exit(128 + signal.SIGKILL)
-    code = os.waitstatus_to_exitcode(status)
-    os._exit(code if code >= 0 else 128 - code)
-
-
-if cfg["supervise"]:
-    supervise()
-else:
-    start_program()
-'''
-
+# ----------------------------------------------------------------------------------------------- limits
 
 def _rlimits(limits: SandboxLimits) -> list:
     cpu = max(1, math.ceil(limits.cpu_seconds))
@@ -617,7 +406,7 @@ def _execute(files: dict[str, str], stdin, limits: SandboxLimits, interp: _Inter
             argv, cwd, env = [], workdir, {**_ENV, "HOME": workdir, "TMPDIR": workdir}
         cfg = {"mode": mode, "uid": uid, "rlimits": _rlimits(limits), "keep_fds": keep_fds,
                "supervise": mode != "bwrap"}
-        argv += [interp.path, "-I", "-S", "-c", _BOOT, json.dumps(cfg), interp.path, "-I", "-S", main]
+        argv += [interp.path, "-I", "-S", "-c", BOOT, json.dumps(cfg), interp.path, "-I", "-S", main]
         start = time.monotonic()
         try:
             proc = subprocess.Popen(argv, stdin=stdin_file, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=cwd,

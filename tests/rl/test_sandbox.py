@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from cascade_jax.rl import sandbox
+from cascade_jax.rl import sandbox, sandbox_programs
 from cascade_jax.rl.sandbox import SandboxLimits, code_reward, run_python, run_tests
 
 REPO = Path(__file__).resolve().parents[2]
@@ -259,9 +259,14 @@ def test_threads_at_once(mode):
 
 
 def test_module_does_not_import_jax():
+    # Loaded from their files (not through the cascade_jax package, whose __init__ imports the model).
     probe = ("import importlib.util, sys\n"
-             "spec = importlib.util.spec_from_file_location('sandbox', sys.argv[1])\n"
-             "module = sys.modules['sandbox'] = importlib.util.module_from_spec(spec)\nspec.loader.exec_module(module)\n"
+             "def load(name, path):\n"
+             "    spec = importlib.util.spec_from_file_location(name, path)\n"
+             "    module = sys.modules[name] = importlib.util.module_from_spec(spec)\n"
+             "    spec.loader.exec_module(module)\n"
+             "load('cascade_jax.rl.sandbox_programs', sys.argv[2])\nload('sandbox', sys.argv[1])\n"
              "print('jax' in sys.modules)\n")
-    out = subprocess.run([sys.executable, "-c", probe, sandbox.__file__], capture_output=True, text=True, check=True)
+    out = subprocess.run([sys.executable, "-c", probe, sandbox.__file__, sandbox_programs.__file__],
+                         capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
