@@ -104,13 +104,13 @@ class GRPOTask:
         prompts = [list(map(int, p)) for p in group["prompt_tokens"]]
         rows = pack_rollouts(prompts, [c.tokens for c in completions], [c.logprobs for c in completions],
                              self.cfg.train.row_len)
-        response_mask = rows["loss_mask"].copy()
+        rows["response_mask"] = rows["loss_mask"].copy()
         rows["loss_mask"] *= per_token(sample_mask, rows["sequence"])
         rows["advantages"] = per_token(advantages, rows["sequence"])
         batch = micro_batches(rows, self.cfg.train.rows_per_micro_batch)
 
         # The training log-probs of every response token, before the update (same weights as the sampler's).
-        scoring = dict(batch, loss_mask=micro_batches({"m": response_mask}, self.cfg.train.rows_per_micro_batch)["m"])
+        scoring = dict(batch, loss_mask=batch.pop("response_mask"))
         train_logp = np.asarray(micro_batched_log_probs(state.params, state.expert_bias, scoring,
                                                         graphdef=self.graphdef, sampling=self.filter))
         count = len(completions)
