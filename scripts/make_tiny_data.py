@@ -2,8 +2,8 @@
 
 Files: ``sft.jsonl`` (training chats), ``sft_eval.jsonl`` (held-out chats, for eval loss),
 ``rl.jsonl`` (RL prompts with verifier specs), ``eval.jsonl`` (held-out prompts with verifier specs), and
-their per-domain subsets ``rl_<domain>.jsonl`` / ``eval_<domain>.jsonl`` for math and instruction following
-(the tiny GRPO stages' prompts and held-out sets).
+their per-domain subsets ``rl_<domain>.jsonl`` / ``eval_<domain>.jsonl`` (math, if, mcq, code: the tiny
+cascade stages' prompts and held-out sets).
 
     python scripts/make_tiny_data.py [--out cascade_jax/data/assets/tiny] [--seed 0]
 
@@ -103,7 +103,8 @@ def main() -> None:
               "sft": [sft_sample(rng, seen) for _ in range(args.sft)]}
     splits["sft_eval"] = [sft_sample(rng, seen) for _ in range(args.sft_eval)]  # held-out eval loss
     for name in ("rl", "eval"):
-        for domain, short in (("math", "math"), ("instruction_following", "if")):
+        for domain, short in (("math", "math"), ("instruction_following", "if"), ("multiple_choice", "mcq"),
+                              ("code", "code")):
             splits[f"{name}_{short}"] = [row for row in splits[name] if row["domain"] == domain]
     for name, rows in splits.items():
         path = os.path.join(args.out, f"{name}.jsonl")
