@@ -55,6 +55,9 @@ class GRPOSection:
     mismatch_threshold: float | None = 2.0 # mask a sequence whose mean exp(|Δlogp|) exceeds it; None: off
     kl_coef: float = 0.0                   # > 0: KL to the stage's starting weights (RLHF uses 0.03, k3)
     kl_kind: str = "k3"
+    group_max_mask: float | None = None    # mask a group whose best reward is <= this (agentless SWE: 0.5)
+    train_logprobs: bool = True            # the no-gradient pass scoring the sampled tokens under the trainer;
+                                           # false skips it (only with importance_weights none, no mismatch mask)
 
     def __post_init__(self):
         one_of("grpo.overlong", self.overlong, ("penalty", "filter", "none"))
@@ -66,16 +69,71 @@ class GRPOSection:
                              f"got {self.importance_high}")
         at_least("grpo.mismatch_threshold", self.mismatch_threshold, 1.0, none_ok=True)
         at_least("grpo.kl_coef", self.kl_coef, 0.0)
+        if not self.train_logprobs and (self.importance_weights != "none" or self.mismatch_threshold is not None):
+            raise ValueError("grpo.train_logprobs: false needs importance_weights: none and mismatch_threshold: null "
+                             "(both compare the trainer's log-probs with the sampler's)")
+
+
+@dataclasses.dataclass
+class MOPDSection:
+    """Multi-domain on-policy distillation (training.md §3): per-token advantage log π_teacher − log π_train.
+
+    `teachers` maps an alias to a checkpoint (any path of the checkpoint contract; in a cascade recipe also
+    `start` or `stage:NAME`); `routing` maps a prompt's domain (or source) to an alias, `default_teacher` takes
+    the rest. `outcome_weight` > 0 adds that times the GRPO outcome advantage (MiMo-V2-Flash's variant; the
+    paper's Eq. 2 has none). `resident: one` keeps a single teacher in memory, loaded in turn each step."""
+
+    teachers: dict[str, str] = dataclasses.field(default_factory=dict)
+    routing: dict[str, str] = dataclasses.field(default_factory=dict)
+    default_teacher: str | None = None
+    outcome_weight: float = 0.0
+    resident: str = "all"
+
+    def __post_init__(self):
+        one_of("mopd.resident", self.resident, ("all", "one"))
+        at_least("mopd.outcome_weight", self.outcome_weight, 0.0)
+        for key, alias in self.routing.items():
+            if alias not in self.teachers:
+                raise ValueError(f"mopd.routing.{key}: unknown teacher {alias!r}; teachers: "
+                                 f"{', '.join(self.teachers) or 'none'}")
+        if self.default_teacher is not None and self.default_teacher not in self.teachers:
+            raise ValueError(f"mopd.default_teacher: unknown teacher {self.default_teacher!r}")
+
+
+@dataclasses.dataclass
+class JudgeSection:
+    """An LLM judge behind an OpenAI-compatible endpoint: `base_url`, or `serve`: a checkpoint that the stage
+    serves itself with cascade-serve for its duration (the tiny demo's judge)."""
+
+    base_url: str | None = None
+    serve: str | None = None
+    model: str = "judge"
+    timeout_s: float = 60.0
+    max_concurrency: int = 8
+    max_tokens: int = 256
+    temperature: float = 0.0
+    pairs: str = "all"             # pairwise: all pairs of a group ([C2]) | circular (NeMo-Gym's default)
+
+    def __post_init__(self):
+        one_of("reward.judge.pairs", self.pairs, ("all", "circular"))
+        at_least("reward.judge.timeout_s", self.timeout_s, 0.0, strict=True)
+        at_least("reward.judge.max_concurrency", self.max_concurrency, 1)
+        at_least("reward.judge.max_tokens", self.max_tokens, 1)
 
 
 @dataclasses.dataclass
 class RewardSection:
+    kind: str = "verifier"      # verifier (each prompt's own rule) | judge (pointwise score) | pairwise_judge (RLHF)
     num_workers: int = 2        # reward worker processes
     timeout_s: float = 30.0     # per response; a reward over it gives 0 and is counted
+    judge: JudgeSection = dataclasses.field(default_factory=JudgeSection)
 
     def __post_init__(self):
+        one_of("reward.kind", self.kind, ("verifier", "judge", "pairwise_judge"))
         at_least("reward.num_workers", self.num_workers, 1)
         at_least("reward.timeout_s", self.timeout_s, 0.0, strict=True)
+        if self.kind != "verifier" and not (self.judge.base_url or self.judge.serve):
+            raise ValueError(f"reward.judge: reward.kind {self.kind} needs judge.base_url or judge.serve")
 
 
 @dataclasses.dataclass
@@ -109,6 +167,7 @@ def _rl_optimizer() -> OptimizerSection:
 
 @dataclasses.dataclass
 class RLConfig:
+    algorithm: str = "grpo"           # grpo (outcome rewards) | mopd (teacher log-probs, training.md §3)
     run_dir: str = "runs/rl-tiny"
     resume: bool = True
     allow_config_change: bool = False
@@ -117,6 +176,7 @@ class RLConfig:
     rollout: RolloutSection = dataclasses.field(default_factory=RolloutSection)
     grpo: GRPOSection = dataclasses.field(default_factory=GRPOSection)
     reward: RewardSection = dataclasses.field(default_factory=RewardSection)
+    mopd: MOPDSection = dataclasses.field(default_factory=MOPDSection)
     optimizer: OptimizerSection = dataclasses.field(default_factory=_rl_optimizer)
     moe: MoESection = dataclasses.field(default_factory=lambda: MoESection(bias_update_rate=0.0))  # router frozen
     train: RLTrainSection = dataclasses.field(default_factory=RLTrainSection)
@@ -124,6 +184,16 @@ class RLConfig:
     mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
 
     def __post_init__(self):
+        one_of("algorithm", self.algorithm, ("grpo", "mopd"))
+        if self.algorithm == "mopd":
+            if not self.mopd.teachers:
+                raise ValueError("mopd.teachers: algorithm mopd needs at least one teacher checkpoint")
+            if self.grpo.dynamic_filter:
+                raise ValueError("grpo.dynamic_filter: MOPD's advantages come from the teachers, not from group "
+                                 "rewards; set it to false")
+            if not self.grpo.train_logprobs:
+                raise ValueError("grpo.train_logprobs: MOPD's advantage is log π_teacher − log π_train; without the "
+                                 "trainer's pass it would silently be the teacher's log-prob alone")
         if self.train.row_len is None:
             self.train.row_len = self.prompts.max_prompt_len + self.rollout.max_new_tokens
         longest = self.prompts.max_prompt_len + self.rollout.max_new_tokens - 1

@@ -33,7 +33,8 @@ from cascade_jax.rl.config import RLConfig
 from cascade_jax.rl.logprobs import SamplingFilter, micro_batched_log_probs
 from cascade_jax.rl.packing import micro_batches, pack_rollouts, per_sequence_mean, per_token
 from cascade_jax.rl.policy_loss import PolicyLoss
-from cascade_jax.rl.rewards.pool import RewardPool
+from cascade_jax.rl.stage_rewards import StageRewards
+from cascade_jax.rl.teachers import Teachers
 from cascade_jax.train.evaluation import TaskAccuracy, read_task_prompts
 from cascade_jax.train.loop import Evaluation, LoopResult, TrainLoop
 from cascade_jax.train.optimizer import build_optimizer, learning_rate_schedule
@@ -46,17 +47,22 @@ SEEDS_PER_STEP = 1 << 16   # room for the prompts of one step in the sampling-se
 class GRPOTask:
     """The GRPO side of the loop. `next_batch` generates and scores on the current weights; `train` steps."""
 
-    def __init__(self, cfg: RLConfig, prompts: RLPrompts, graphdef, tx, pool: RewardPool, reference=None):
+    def __init__(self, cfg: RLConfig, prompts: RLPrompts, graphdef, tx, rewards: StageRewards, reference=None,
+                 teachers: Teachers | None = None):
         self.cfg, self.prompts, self.iterator = cfg, prompts, iter(prompts)
-        self.graphdef, self.tx, self.pool, self.reference = graphdef, tx, pool, reference
+        self.graphdef, self.tx, self.rewards, self.reference = graphdef, tx, rewards, reference
+        self.teachers = teachers
         self.tokenizer = prompts.tokenizer
         r, g = cfg.rollout, cfg.grpo
         self.group_size = cfg.prompts.group_size
         self.sampling = SamplingParams(max_new_tokens=r.max_new_tokens, temperature=r.temperature, top_p=r.top_p,
                                        top_k=r.top_k, stop_token_ids=(self.tokenizer.eos_id,), n=self.group_size)
         self.filter = SamplingFilter(r.temperature, r.top_k, r.top_p)
+        # MOPD is REINFORCE-form (no clipping, no KL, training.md §3.2); GRPO keeps the clip bounds, inactive
+        # when strictly on-policy.
+        clip = dict(clip_low=None, clip_high=None) if teachers is not None else {}
         self.loss_fn = PolicyLoss(self.filter, g.importance_weights, g.importance_low, g.importance_high,
-                                  kl_coef=g.kl_coef, kl_kind=g.kl_kind, chunk_size=cfg.train.loss_chunk_size)
+                                  kl_coef=g.kl_coef, kl_kind=g.kl_kind, chunk_size=cfg.train.loss_chunk_size, **clip)
         self.schedule = learning_rate_schedule(cfg.optimizer, cfg.train.steps)
         self.engine: Engine | None = None
 
@@ -82,17 +88,17 @@ class GRPOTask:
         texts = [self.tokenizer.decode(c.tokens, skip_special_tokens=False) for c in completions]
         metas = [{**meta, "prompt_text": _prompt_text(messages)} for meta, messages in
                  zip(group["meta"], group["messages"])]
-        rewards, _, counts = self.pool.score(texts, metas)
+        rewards, counts = self.rewards.score(texts, metas)
         clock["reward"] = time.perf_counter()
 
-        batch, metrics = self._assemble(state, group, completions, np.asarray(rewards, np.float32))
+        batch, metrics = self._assemble(state, group, completions, rewards, metas)
         clock["logprob"] = time.perf_counter()
         metrics.update({f"reward_{k}": float(v) for k, v in counts.items() if k != "ok"})
         metrics.update(rollout_s=clock["rollout"] - clock["start"], reward_s=clock["reward"] - clock["rollout"],
                        logprob_s=clock["logprob"] - clock["reward"])
         return {"arrays": batch, "metrics": metrics}
 
-    def _assemble(self, state, group, completions, rewards) -> tuple[dict, dict]:
+    def _assemble(self, state, group, completions, rewards, metas) -> tuple[dict, dict]:
         g, G = self.cfg.grpo, self.group_size
         truncated = np.asarray([c.finish_reason == "length" for c in completions])
         used, sample_mask = jax.device_get(losses.overlong_rewards_and_mask(rewards, truncated, g.overlong))
@@ -100,6 +106,8 @@ class GRPOTask:
                                                         normalize_std=g.normalize_std))
         keep = np.asarray(losses.dynamic_filter(used, G)) if g.dynamic_filter else np.ones(len(used), bool)
         sample_mask = np.asarray(sample_mask) * keep
+        if g.group_max_mask is not None:
+            sample_mask = sample_mask * np.asarray(losses.group_max_mask(used, G, g.group_max_mask))
 
         prompts = [list(map(int, p)) for p in group["prompt_tokens"]]
         rows = pack_rollouts(prompts, [c.tokens for c in completions], [c.logprobs for c in completions],
@@ -111,29 +119,57 @@ class GRPOTask:
 
         # The training log-probs of every response token, before the update (same weights as the sampler's).
         scoring = dict(batch, loss_mask=batch.pop("response_mask"))
-        train_logp = np.asarray(micro_batched_log_probs(state.params, state.expert_bias, scoring,
-                                                        graphdef=self.graphdef, sampling=self.filter))
         count = len(completions)
         seq, resp = batch["sequence"], scoring["loss_mask"]
-        error = np.where(resp > 0, np.abs(train_logp - batch["inf_logp"]), 0.0)
-        seq_error = per_sequence_mean(np.exp(error), seq, resp, count)
-        mismatch_ok = (seq_error <= g.mismatch_threshold) if g.mismatch_threshold else np.ones(count, bool)
-        batch["loss_mask"] = batch["loss_mask"] * per_token(mismatch_ok, seq)
+        metrics = {}
+        if g.train_logprobs:
+            train_logp = np.asarray(micro_batched_log_probs(state.params, state.expert_bias, scoring,
+                                                            graphdef=self.graphdef, sampling=self.filter))
+            error = np.where(resp > 0, np.abs(train_logp - batch["inf_logp"]), 0.0)
+            seq_error = per_sequence_mean(np.exp(error), seq, resp, count)
+            mismatch_ok = (seq_error <= g.mismatch_threshold) if g.mismatch_threshold else np.ones(count, bool)
+            batch["loss_mask"] = batch["loss_mask"] * per_token(mismatch_ok, seq)
+            metrics.update(masked_sequences=float((~mismatch_ok).sum()),
+                           logprob_error_mean=float(error.sum() / max(resp.sum(), 1.0)),
+                           logprob_error_max=float(error.max()))
+        if self.teachers is not None:
+            if not g.train_logprobs:   # the config refuses this; never let the advantage become log π_teacher alone
+                raise RuntimeError("MOPD needs the trainer's log-probs of the sampled tokens")
+            metrics.update(self._distillation_advantages(batch, scoring, train_logp, metas))
         if g.kl_coef:
             batch["ref_logp"] = np.asarray(micro_batched_log_probs(*self.reference, scoring, graphdef=self.graphdef,
                                                                    sampling=self.filter))
         lengths = np.asarray([len(c.tokens) for c in completions], np.float32)
-        metrics = {
+        metrics.update({
             "reward_mean": float(rewards.mean()), "pass_rate": float(np.mean(rewards >= 1.0)),
             "response_length": float(lengths.mean()), "response_length_max": float(lengths.max()),
             "truncation_rate": float(truncated.mean()),
+            "repetition": float(np.mean([repetition(c.tokens) for c in completions])),
             "filtered_groups": float((~keep.reshape(-1, G)[:, 0]).sum()),
-            "masked_sequences": float((~mismatch_ok).sum()),
             "entropy": float(-(batch["inf_logp"] * resp).sum() / max(resp.sum(), 1.0)),
-            "logprob_error_mean": float(error.sum() / max(resp.sum(), 1.0)), "logprob_error_max": float(error.max()),
-        }
+        })
         batch.pop("sequence")
         return batch, metrics
+
+    def _distillation_advantages(self, batch, scoring, train_logp, metas) -> dict[str, float]:
+        """MOPD (training.md §3.2 Eq. 2): per token A = log π_teacher − log π_train, the trainer's log-probs
+        before the update; with mopd.outcome_weight, plus that times the GRPO advantage (MiMo's variant)."""
+        sequence_teacher = self.teachers.route(metas)
+        teacher_logp = self.teachers.log_probs(scoring, sequence_teacher, self.filter,
+                                               self.cfg.train.loss_chunk_size)
+        # A token outside the teacher's sampling set (only with top-k/top-p) has no finite advantage: not trained.
+        resp = scoring["loss_mask"] * np.isfinite(teacher_logp)
+        batch["loss_mask"] = batch["loss_mask"] * np.isfinite(teacher_logp)
+        advantage = np.asarray(losses.mopd_advantages(np.where(resp > 0, teacher_logp, 0.0), train_logp, resp))
+        batch["advantages"] = advantage + self.cfg.mopd.outcome_weight * batch["advantages"]
+        trained = batch["loss_mask"] > 0
+        token_teacher = np.where(batch["sequence"] >= 0, sequence_teacher[np.maximum(batch["sequence"], 0)], -1)
+        metrics = {"mopd_advantage_mean": float(advantage[trained].mean()) if trained.any() else 0.0}
+        for j, name in enumerate(self.teachers.names):
+            mine = trained & (token_teacher == j)
+            if mine.any():
+                metrics[f"mopd_advantage/{name.replace(', ', '+')}"] = float(advantage[mine].mean())
+        return metrics
 
     # ------------------------------------------------------------------ the update
     def train(self, state, batch):
@@ -157,6 +193,13 @@ class GRPOTask:
 
     def restore_data(self, data_state: dict) -> None:
         self.iterator.set_state(data_state)
+
+
+def repetition(tokens, n: int = 4) -> float:
+    """Share of a response's n-grams that repeat an earlier one (0: none; → 1: a loop). On-policy distillation
+    can drift into long repetitive answers, so every stage logs it."""
+    grams = [tuple(tokens[i:i + n]) for i in range(len(tokens) - n + 1)]
+    return 1.0 - len(set(grams)) / len(grams) if grams else 0.0
 
 
 def _prompt_text(messages: list[dict]) -> str:
@@ -198,7 +241,11 @@ def run_grpo(cfg: RLConfig) -> LoopResult:
     loop = TrainLoop(cfg.run_dir, steps=cfg.train.steps, checkpoint=cfg.checkpoint, log_every=cfg.train.log_every,
                      resume=cfg.resume, evaluations=_evaluations(cfg, prompts.tokenizer, graphdef),
                      run_record=run_record(cfg, model_config), desc="grpo")
-    with RewardPool(num_workers=cfg.reward.num_workers, timeout_s=cfg.reward.timeout_s) as pool:
-        task = GRPOTask(cfg, prompts, graphdef, tx, pool, reference)
+    teachers = None
+    if cfg.algorithm == "mopd":
+        teachers = Teachers(cfg.mopd, dtype=cfg.model.dtype, param_dtype=cfg.model.param_dtype,
+                            student_config=model_config)
+    with StageRewards(cfg.reward, cfg.prompts.group_size, log_dir=cfg.run_dir) as rewards:
+        task = GRPOTask(cfg, prompts, graphdef, tx, rewards, reference, teachers)
         _, result = loop.run(task, state)
     return result

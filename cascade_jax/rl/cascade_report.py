@@ -1,0 +1,83 @@
+"""The end-of-cascade report: what `rl/report.py` draws, fed from a cascade's run directory, plus the two
+checks the cascade exists for: each stage against its own start on its own domains, and each MOPD-distilled
+domain against its teacher."""
+
+from __future__ import annotations
+
+import json
+import os
+
+from cascade_jax.rl.report import write_report
+
+
+def cascade_report(cascade) -> str:
+    """Writes RUN/report/ and returns the path of report.md."""
+    cfg, timings, labels = cascade.cfg, cascade.timings(), cascade.eval_labels()
+    stages = []
+    if cfg.sft.config is not None:
+        stages.append({"name": "sft", "kind": "sft", "run_dir": cascade.start, "seconds": timings.get("sft"),
+                       "domains": []})
+    for spec, stage_cfg in zip(cfg.stages, cascade.stage_cfgs):
+        stages.append({"name": spec.name, "kind": spec.kind, "run_dir": stage_cfg.run_dir,
+                       "seconds": timings.get(spec.name), "domains": list(spec.domains)})
+    evals = {}
+    for label in ["start"] + [s.name for s in cfg.stages]:
+        path = os.path.join(cfg.run_dir, "evals", f"{label}.json")
+        if os.path.isfile(path):
+            with open(path) as f:
+                evals[label] = json.load(f)
+    sections = [own_domain_section(cascade, evals, labels), teacher_section(cascade, evals, labels)]
+    paths = write_report(os.path.join(cfg.run_dir, "report"), stages, list(evals.items()),
+                         extra_sections=[s for s in sections if s])
+    return paths["report"]
+
+
+def _score(result: dict | None, domain: str) -> float | None:
+    if result is None:
+        return None
+    entry = result.get("domains", {}).get(domain)
+    return None if entry is None else entry["greedy"]
+
+
+def own_domain_section(cascade, evals: dict, labels: dict) -> str:
+    """Each stage's own held-out domains: the score at its start and after it (greedy)."""
+    rows = []
+    for spec, stage_cfg in zip(cascade.cfg.stages, cascade.stage_cfgs):
+        before_label = labels.get(os.path.realpath(stage_cfg.model.from_pretrained), "?")
+        for domain in spec.domains:
+            before, after = _score(evals.get(before_label), domain), _score(evals.get(spec.name), domain)
+            if before is None or after is None:
+                continue
+            verdict = "raised" if after > before else ("kept" if after == before else "lowered")
+            rows.append(f"| {spec.name} | {domain} | {before_label} {before:.3f} | {after:.3f} | "
+                        f"{after - before:+.3f} | {verdict} |")
+    if not rows:
+        return ""
+    return "\n".join(["## Each stage on its own domains (greedy, held out)", "",
+                      "| stage | domain | at its start | after | change | |", "|---|---|---|---|---|---|", *rows])
+
+
+def teacher_section(cascade, evals: dict, labels: dict) -> str:
+    """Each MOPD stage's routed domains: the teacher's score and the distilled student's."""
+    margin = cascade.cfg.eval.teacher_margin
+    rows = []
+    for spec, stage_cfg in zip(cascade.cfg.stages, cascade.stage_cfgs):
+        if spec.kind != "mopd":
+            continue
+        m = stage_cfg.mopd
+        for domain, alias in m.routing.items():
+            teacher_label = labels.get(os.path.realpath(m.teachers[alias]), "?")
+            start_label = labels.get(os.path.realpath(stage_cfg.model.from_pretrained), "?")
+            teacher = _score(evals.get(teacher_label), domain)
+            before, after = _score(evals.get(start_label), domain), _score(evals.get(spec.name), domain)
+            if teacher is None or after is None:
+                continue
+            gap = after - teacher
+            rows.append(f"| {spec.name} | {domain} | {alias} ({teacher_label}) {teacher:.3f} | "
+                        f"{'' if before is None else f'{before:.3f}'} | {after:.3f} | {gap:+.3f} | "
+                        f"{'yes' if gap >= -margin else 'no'} |")
+    if not rows:
+        return ""
+    return "\n".join([f"## MOPD: distilled domains against their teachers (margin {margin:.2f}, greedy, held out)",
+                      "", "| stage | domain | teacher | student before | student after | after − teacher | "
+                          f"within {margin:.2f} |", "|---|---|---|---|---|---|---|", *rows])
