@@ -24,6 +24,7 @@ import dataclasses
 import os
 from typing import Any
 
+import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
@@ -95,7 +96,21 @@ def _check_reference(key: str, value: str, earlier: set[str]) -> None:
 
 
 def load_cascade_config(path: str, overrides: list[str] = ()) -> CascadeConfig:
-    return load_config(CascadeConfig, path, overrides)
+    """The recipe, then dotted overrides; an override may index the stage list (`stages.0.settings.train.steps=2`)."""
+    if not overrides:
+        return load_config(CascadeConfig, path)
+    try:
+        recipe = OmegaConf.load(path)
+        for item in overrides:
+            key, sep, value = item.partition("=")
+            if not sep:
+                raise RunConfigError(f"overrides: expected key=value, got {item!r}")
+            OmegaConf.update(recipe, key, yaml.safe_load(value) if value else None, merge=True)
+    except FileNotFoundError:
+        raise RunConfigError(f"{path}: no such config file") from None
+    except (OmegaConfBaseException, yaml.YAMLError) as e:
+        raise RunConfigError(f"{path}: {str(e).splitlines()[0]}") from None
+    return load_config(CascadeConfig, tree=OmegaConf.to_container(recipe), tree_name=path)
 
 
 def is_cascade_recipe(path: str | None) -> bool:
@@ -142,6 +157,6 @@ def stage_config(cfg: CascadeConfig, index: int, cascade_start: str, default_sta
     settings.update(algorithm=stage.kind, run_dir=stage_dir(cfg.run_dir, index, stage.name))
     settings.setdefault("model", {})["from_pretrained"] = start
     try:
-        return load_config(RLConfig, tree=settings)
+        return load_config(RLConfig, tree=settings, tree_name="settings")
     except RunConfigError as e:
         raise RunConfigError(f"{where}: {e}") from None

@@ -159,11 +159,12 @@ def one_of(name: str, value, allowed) -> None:
         raise ValueError(f"{name}: expected one of {list(allowed)}, got {value!r}")
 
 
-def load_config(schema: type, path: str | None = None, overrides: list[str] = (), tree: dict | None = None):
-    """YAML file (or an already parsed `tree`), then dotted overrides, into the `schema` dataclass; each
-    step's errors name the key."""
+def load_config(schema: type, path: str | None = None, overrides: list[str] = (), tree: dict | None = None,
+                tree_name: str = "config"):
+    """YAML file (or an already parsed `tree`, called `tree_name` in errors), then dotted overrides, into the
+    `schema` dataclass; each step's errors name the key."""
     merged = OmegaConf.structured(schema)
-    for source, load in ((path, lambda: OmegaConf.load(path)), (None if tree is None else "config", lambda: tree),
+    for source, load in ((path, lambda: OmegaConf.load(path)), (None if tree is None else tree_name, lambda: tree),
                          ("overrides", lambda: OmegaConf.from_dotlist(list(overrides)))):
         if source is None:
             continue
