@@ -22,6 +22,9 @@ temperature 0 by default). A failed item gets reward 0.0. Every item lands in ex
 
     client = JudgeClient(JudgeConfig(base_url="http://127.0.0.1:8000/v1", model="judge"))
     rewards, details, counts = client.score([JudgeItem(prompt, response, reference, rubric)])
+
+Other judge formats reuse the same machinery through `JudgeClient.complete(messages)`, which sends already
+rendered user messages and hands back the reply texts unparsed (the pairwise GenRM judge, `pairwise.py`).
 """
 
 from __future__ import annotations
@@ -157,38 +160,68 @@ class JudgeClient:
 
     def score(self, items: list[JudgeItem]) -> tuple[list[float], list[dict], dict[str, int]]:
         """(rewards in [0, 1], per-item details, counts by outcome), in the order of `items`."""
-        items = list(items)
-        if not items:
-            return [], [], dict.fromkeys(OUTCOMES, 0)
+        results = self._run(self._score_one, list(items))
+        return [reward for reward, _ in results], [details for _, details in results], _count(results)
+
+    def complete(self, messages: list[str]) -> tuple[list[str | None], list[dict], dict[str, int]]:
+        """Sends each user message as is (same requests, retries, timeouts and concurrency as `score`) and returns
+        (the judge's reply text, or None when the request failed; per-message details; counts by outcome). An
+        "ok" here only means a reply text came back: the caller parses it (and may recount it as malformed)."""
+        results = self._run(self._complete_one, list(messages))
+        return [text for text, _ in results], [details for _, details in results], _count(results)
+
+    def _run(self, one, inputs: list) -> list[tuple[Any, dict]]:
+        """`one(http, slots, x)` for every x of `inputs`, concurrently, from synchronous code."""
+        if not inputs:
+            return []
         try:
             asyncio.get_running_loop()
         except RuntimeError:
-            results = asyncio.run(self._score_all(items))
-        else:   # the caller is inside an event loop: run ours in a thread of its own
-            with concurrent.futures.ThreadPoolExecutor(1) as pool:
-                results = pool.submit(asyncio.run, self._score_all(items)).result()
-        counts = dict.fromkeys(OUTCOMES, 0)
-        for _, details in results:
-            counts[details["outcome"]] += 1
-        return [reward for reward, _ in results], [details for _, details in results], counts
+            return asyncio.run(self._gather(one, inputs))
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:   # inside an event loop: ours runs in a thread
+            return pool.submit(asyncio.run, self._gather(one, inputs)).result()
 
-    async def _score_all(self, items: list[JudgeItem]) -> list[tuple[float, dict]]:
+    async def _gather(self, one, inputs: list) -> list[tuple[Any, dict]]:
         n = self.config.max_concurrency
         limits = httpx.Limits(max_connections=n, max_keepalive_connections=n)
         async with httpx.AsyncClient(timeout=httpx.Timeout(self.config.timeout_s), limits=limits,
                                      headers=self._headers) as http:
             slots = asyncio.Semaphore(n)
-            return await asyncio.gather(*(self._score_one(http, slots, item) for item in items))
+            return await asyncio.gather(*(one(http, slots, x) for x in inputs))
 
     async def _score_one(self, http: httpx.AsyncClient, slots: asyncio.Semaphore,
                          item: JudgeItem) -> tuple[float, dict]:
-        cfg = self.config
-        details: dict[str, Any] = {"outcome": None, "score_text": "", "attempts": 0, "status": None, "error": None}
+        details = _new_details()
         try:
-            body = json.dumps({"model": cfg.model, "messages": [{"role": "user", "content": render_prompt(item)}],
-                               "temperature": cfg.temperature, "max_tokens": cfg.max_tokens}).encode()
-        except Exception as e:   # e.g. a non-string field that does not serialize
+            message = render_prompt(item)
+        except Exception as e:
             return 0.0, _fail(details, "malformed", f"cannot build the request: {_one_line(e)}")
+        content, finish_reason = await self._send(http, slots, message, details)
+        if content is None:
+            return 0.0, details
+        value = parse_score(content)
+        if value is None:
+            return 0.0, _fail(details, "malformed", "no 'SCORE: <number>' line in the judge's reply "
+                                                    f"(finish_reason {finish_reason!r})")
+        return value, details
+
+    async def _complete_one(self, http: httpx.AsyncClient, slots: asyncio.Semaphore,
+                            message: str) -> tuple[str | None, dict]:
+        details = _new_details()
+        content, _ = await self._send(http, slots, message, details)
+        return content, details
+
+    async def _send(self, http: httpx.AsyncClient, slots: asyncio.Semaphore, message: str,
+                    details: dict) -> tuple[str | None, Any]:
+        """One user message to the judge, with retries: (reply content, finish_reason) with details["outcome"]
+        "ok" and "score_text" set, or (None, None) with `details` failed."""
+        cfg = self.config
+        try:
+            body = json.dumps({"model": cfg.model, "messages": [{"role": "user", "content": message}],
+                               "temperature": cfg.temperature, "max_tokens": cfg.max_tokens}).encode()
+        except Exception as e:   # e.g. a message that does not serialize
+            _fail(details, "malformed", f"cannot build the request: {_one_line(e)}")
+            return None, None
         outcome, error, retry_after = "connection_error", "no attempt was made", None
         for attempt in range(cfg.max_retries + 1):
             if attempt:
@@ -203,21 +236,25 @@ class JudgeClient:
                 outcome, error = "timeout", f"no complete reply within {cfg.timeout_s:g} s"
                 continue
             except httpx.DecodingError as e:   # the body could not be decoded (bad content-encoding)
-                return 0.0, _fail(details, "malformed", f"undecodable body: {_one_line(e)}")
+                _fail(details, "malformed", f"undecodable body: {_one_line(e)}")
+                return None, None
             except httpx.TransportError as e:
                 outcome, error = "connection_error", f"{type(e).__name__}: {_one_line(e)}"
                 continue
             except Exception as e:   # never raise for one item
-                return 0.0, _fail(details, "connection_error", f"{type(e).__name__}: {_one_line(e)}")
+                _fail(details, "connection_error", f"{type(e).__name__}: {_one_line(e)}")
+                return None, None
             details["status"] = response.status_code
             if response.status_code == 429 or response.status_code >= 500:
                 outcome, error = "http_error", f"HTTP {response.status_code}: {_one_line(response.text)}"
                 retry_after = _retry_after(response)
                 continue
             if response.status_code != 200:
-                return 0.0, _fail(details, "http_error", f"HTTP {response.status_code}: {_one_line(response.text)}")
-            return self._parse_reply(response, details)
-        return 0.0, _fail(details, outcome, f"{error} (after {details['attempts']} attempts)")
+                _fail(details, "http_error", f"HTTP {response.status_code}: {_one_line(response.text)}")
+                return None, None
+            return self._reply_content(response, details)
+        _fail(details, outcome, f"{error} (after {details['attempts']} attempts)")
+        return None, None
 
     def _backoff(self, retry: int, retry_after: float | None) -> float:
         cfg = self.config
@@ -227,27 +264,25 @@ class JudgeClient:
         return delay
 
     @staticmethod
-    def _parse_reply(response: httpx.Response, details: dict) -> tuple[float, dict]:
+    def _reply_content(response: httpx.Response, details: dict) -> tuple[str | None, Any]:
         try:
             reply = response.json()
         except ValueError as e:
-            return 0.0, _fail(details, "malformed", f"the body is not JSON ({_one_line(e)}): "
-                                                    f"{_one_line(response.text)}")
+            _fail(details, "malformed", f"the body is not JSON ({_one_line(e)}): {_one_line(response.text)}")
+            return None, None
         choices = reply.get("choices") if isinstance(reply, dict) else None
         if not isinstance(choices, list) or not choices or not isinstance(choices[0], dict):
-            return 0.0, _fail(details, "malformed", f"the reply has no choices: {_one_line(response.text)}")
+            _fail(details, "malformed", f"the reply has no choices: {_one_line(response.text)}")
+            return None, None
         message = choices[0].get("message")
         content = message.get("content") if isinstance(message, dict) else None
         if not isinstance(content, str):
-            return 0.0, _fail(details, "malformed", "the reply's first choice has no message content "
-                                                    f"(finish_reason {choices[0].get('finish_reason')!r})")
+            _fail(details, "malformed", "the reply's first choice has no message content "
+                                        f"(finish_reason {choices[0].get('finish_reason')!r})")
+            return None, None
         details["score_text"] = content[-SCORE_TEXT_CHARS:]
-        value = parse_score(content)
-        if value is None:
-            return 0.0, _fail(details, "malformed", "no 'SCORE: <number>' line in the judge's reply "
-                                                    f"(finish_reason {choices[0].get('finish_reason')!r})")
         details["outcome"] = "ok"
-        return value, details
+        return content, choices[0].get("finish_reason")
 
 
 def judge_reward(response: str, metadata: dict, client: JudgeClient) -> tuple[float, dict]:
@@ -261,6 +296,17 @@ def judge_reward(response: str, metadata: dict, client: JudgeClient) -> tuple[fl
                      rubric=verifier.get("rubric") if isinstance(verifier, dict) else None)
     rewards, details, _ = client.score([item])
     return rewards[0], details[0]
+
+
+def _new_details() -> dict[str, Any]:
+    return {"outcome": None, "score_text": "", "attempts": 0, "status": None, "error": None}
+
+
+def _count(results: list[tuple[Any, dict]]) -> dict[str, int]:
+    counts = dict.fromkeys(OUTCOMES, 0)
+    for _, details in results:
+        counts[details["outcome"]] += 1
+    return counts
 
 
 def _fail(details: dict, outcome: str, error: str) -> dict:
