@@ -1,5 +1,5 @@
-"""The end-of-cascade report: what `rl/report.py` draws, fed from a cascade's run directory, plus the two
-checks the cascade exists for: each stage against its own start on its own domains, and each MOPD-distilled
+"""The end-of-cascade report: what `rl/report.py` draws (scores after every stage, each stage against its own
+start on its own domains, curves, wall time), fed from a cascade's run directory, plus each MOPD-distilled
 domain against its teacher."""
 
 from __future__ import annotations
@@ -19,16 +19,17 @@ def cascade_report(cascade) -> str:
                        "domains": []})
     for spec, stage_cfg in zip(cfg.stages, cascade.stage_cfgs):
         stages.append({"name": spec.name, "kind": spec.kind, "run_dir": stage_cfg.run_dir,
-                       "seconds": timings.get(spec.name), "domains": list(spec.domains)})
+                       "seconds": timings.get(spec.name), "domains": list(spec.domains),
+                       "start": labels.get(os.path.realpath(stage_cfg.model.from_pretrained), "start")})
     evals = {}
     for label in ["start"] + [s.name for s in cfg.stages]:
         path = os.path.join(cfg.run_dir, "evals", f"{label}.json")
         if os.path.isfile(path):
             with open(path) as f:
                 evals[label] = json.load(f)
-    sections = [own_domain_section(cascade, evals, labels), teacher_section(cascade, evals, labels)]
+    section = teacher_section(cascade, evals, labels)
     paths = write_report(os.path.join(cfg.run_dir, "report"), stages, list(evals.items()),
-                         extra_sections=[s for s in sections if s])
+                         extra_sections=[section] if section else [])
     return paths["report"]
 
 
@@ -37,24 +38,6 @@ def _score(result: dict | None, domain: str) -> float | None:
         return None
     entry = result.get("domains", {}).get(domain)
     return None if entry is None else entry["greedy"]
-
-
-def own_domain_section(cascade, evals: dict, labels: dict) -> str:
-    """Each stage's own held-out domains: the score at its start and after it (greedy)."""
-    rows = []
-    for spec, stage_cfg in zip(cascade.cfg.stages, cascade.stage_cfgs):
-        before_label = labels.get(os.path.realpath(stage_cfg.model.from_pretrained), "?")
-        for domain in spec.domains:
-            before, after = _score(evals.get(before_label), domain), _score(evals.get(spec.name), domain)
-            if before is None or after is None:
-                continue
-            verdict = "raised" if after > before else ("kept" if after == before else "lowered")
-            rows.append(f"| {spec.name} | {domain} | {before_label} {before:.3f} | {after:.3f} | "
-                        f"{after - before:+.3f} | {verdict} |")
-    if not rows:
-        return ""
-    return "\n".join(["## Each stage on its own domains (greedy, held out)", "",
-                      "| stage | domain | at its start | after | change | |", "|---|---|---|---|---|---|", *rows])
 
 
 def teacher_section(cascade, evals: dict, labels: dict) -> str:
