@@ -149,6 +149,9 @@ class RLTrainSection:
     accuracy_eval_samples: int = 64
     accuracy_max_new_tokens: int = 64
     accuracy_thinking: bool = False
+    judge_eval_every: int = 0        # >0 with a judge reward: held-out win rate against the stage start's answers
+    judge_eval_tasks: str | None = None
+    judge_eval_samples: int = 32
 
     def __post_init__(self):
         for name in ("steps", "log_every", "rows_per_micro_batch", "loss_chunk_size", "accuracy_eval_samples",
@@ -156,6 +159,10 @@ class RLTrainSection:
             at_least(f"train.{name}", getattr(self, name), 1)
         at_least("train.row_len", self.row_len, 2, none_ok=True)
         at_least("train.accuracy_eval_every", self.accuracy_eval_every, 0)
+        at_least("train.judge_eval_every", self.judge_eval_every, 0)
+        at_least("train.judge_eval_samples", self.judge_eval_samples, 1)
+        if self.judge_eval_tasks is not None and not os.path.isfile(self.judge_eval_tasks):
+            raise ValueError(f"train.judge_eval_tasks: no such file {self.judge_eval_tasks}")
         if self.accuracy_eval_tasks is not None and not os.path.isfile(self.accuracy_eval_tasks):
             raise ValueError(f"train.accuracy_eval_tasks: no such file {self.accuracy_eval_tasks}")
 
@@ -185,6 +192,9 @@ class RLConfig:
 
     def __post_init__(self):
         one_of("algorithm", self.algorithm, ("grpo", "mopd"))
+        if self.train.judge_eval_every and (self.reward.kind == "verifier" or not self.train.judge_eval_tasks):
+            raise ValueError("train.judge_eval_every: needs a judge reward (reward.kind judge or pairwise_judge) and "
+                             "train.judge_eval_tasks")
         if self.algorithm == "mopd":
             if not self.mopd.teachers:
                 raise ValueError("mopd.teachers: algorithm mopd needs at least one teacher checkpoint")

@@ -30,6 +30,7 @@ from cascade_jax.inference import Engine, SamplingParams, generate
 from cascade_jax.inference.engine import prompt_width
 from cascade_jax.rl import losses
 from cascade_jax.rl.config import RLConfig
+from cascade_jax.rl.judge_eval import JudgeWinRate
 from cascade_jax.rl.logprobs import SamplingFilter, micro_batched_log_probs
 from cascade_jax.rl.packing import micro_batches, pack_rollouts, per_sequence_mean, per_token
 from cascade_jax.rl.policy_loss import PolicyLoss
@@ -207,13 +208,18 @@ def _prompt_text(messages: list[dict]) -> str:
     return next((m.get("content", "") for m in reversed(messages) if m.get("role") == "user"), "")
 
 
-def _evaluations(cfg: RLConfig, tokenizer, graphdef) -> tuple[Evaluation, ...]:
-    t = cfg.train
-    if not (t.accuracy_eval_tasks and t.accuracy_eval_every > 0):
-        return ()
-    tasks = read_task_prompts(t.accuracy_eval_tasks, t.accuracy_eval_samples)
-    return (Evaluation(t.accuracy_eval_every, TaskAccuracy(tasks, tokenizer, graphdef, thinking=t.accuracy_thinking,
-                                                           max_new_tokens=t.accuracy_max_new_tokens)),)
+def _evaluations(cfg: RLConfig, tokenizer, graphdef, start_weights, judge) -> tuple[Evaluation, ...]:
+    t, evaluations = cfg.train, []
+    if t.accuracy_eval_tasks and t.accuracy_eval_every > 0:
+        tasks = read_task_prompts(t.accuracy_eval_tasks, t.accuracy_eval_samples)
+        evaluations.append(Evaluation(t.accuracy_eval_every, TaskAccuracy(
+            tasks, tokenizer, graphdef, thinking=t.accuracy_thinking, max_new_tokens=t.accuracy_max_new_tokens)))
+    if t.judge_eval_every > 0:
+        tasks = read_task_prompts(t.judge_eval_tasks, t.judge_eval_samples)
+        evaluations.append(Evaluation(t.judge_eval_every, JudgeWinRate(
+            tasks, tokenizer, graphdef, start_weights, judge, thinking=t.accuracy_thinking,
+            max_new_tokens=t.accuracy_max_new_tokens)))
+    return tuple(evaluations)
 
 
 def run_grpo(cfg: RLConfig) -> LoopResult:
@@ -236,16 +242,19 @@ def run_grpo(cfg: RLConfig) -> LoopResult:
     prompts = RLPrompts(cfg.prompts)
     tx = build_optimizer(cfg.optimizer, cfg.train.steps)
     graphdef, state, model_config = initial_state(cfg, tx, None)
-    # The KL reference is the stage's start (copied: the train step donates the state's buffers).
-    reference = jax.tree.map(jnp.copy, (state.params, state.expert_bias)) if cfg.grpo.kl_coef else None
-    loop = TrainLoop(cfg.run_dir, steps=cfg.train.steps, checkpoint=cfg.checkpoint, log_every=cfg.train.log_every,
-                     resume=cfg.resume, evaluations=_evaluations(cfg, prompts.tokenizer, graphdef),
-                     run_record=run_record(cfg, model_config), desc="grpo")
+    # The stage's start (copied: the train step donates the state's buffers): the KL reference, and the
+    # baseline of a judge's held-out win rate.
+    needs_start = cfg.grpo.kl_coef or cfg.train.judge_eval_every
+    start_weights = jax.tree.map(jnp.copy, (state.params, state.expert_bias)) if needs_start else None
     teachers = None
     if cfg.algorithm == "mopd":
         teachers = Teachers(cfg.mopd, dtype=cfg.model.dtype, param_dtype=cfg.model.param_dtype,
                             student_config=model_config)
     with StageRewards(cfg.reward, cfg.prompts.group_size, log_dir=cfg.run_dir) as rewards:
-        task = GRPOTask(cfg, prompts, graphdef, tx, rewards, reference, teachers)
+        evaluations = _evaluations(cfg, prompts.tokenizer, graphdef, start_weights, rewards.judge_config)
+        loop = TrainLoop(cfg.run_dir, steps=cfg.train.steps, checkpoint=cfg.checkpoint, log_every=cfg.train.log_every,
+                         resume=cfg.resume, evaluations=evaluations, run_record=run_record(cfg, model_config),
+                         desc=cfg.algorithm)
+        task = GRPOTask(cfg, prompts, graphdef, tx, rewards, start_weights if cfg.grpo.kl_coef else None, teachers)
         _, result = loop.run(task, state)
     return result
