@@ -97,7 +97,7 @@ class Cascade:
                 return CascadeResult("stopped", f"SFT stopped at step {result.step} ({result.reason}); rerun to resume")
         if not os.path.exists(self.start):
             raise ValueError(f"start: no such checkpoint {self.start}")
-        self._evaluate(self.start, "start")
+        self._timed("start_eval", lambda: self._evaluate(self.start, "start"))
         for i, spec in enumerate(self.cfg.stages):
             if only_stage is not None and spec.name != only_stage:
                 continue
@@ -127,11 +127,16 @@ class Cascade:
                              f"to it (cascade-rl --config RECIPE without --stage)")
         tqdm.write(f"cascade: stage {i + 1}/{len(self.cfg.stages)} {spec.name} ({spec.kind}, "
                    f"{stage_cfg.train.steps} steps) from {start}")
-        result = self._timed(spec.name, lambda: run_grpo(stage_cfg))
+        def train_and_evaluate():
+            result = run_grpo(stage_cfg)
+            if result.reason != "signal":
+                self._evaluate(stage_cfg.run_dir, spec.name)
+            return result
+
+        result = self._timed(spec.name, train_and_evaluate)
         if result.reason == "signal":
             return CascadeResult("stopped", f"stage {spec.name} stopped by {result.detail} at step {result.step} of "
                                             f"{result.steps}; rerun the same command to continue there")
-        self._evaluate(stage_cfg.run_dir, spec.name)
         complete = read_complete(stage_cfg.run_dir) or {"step": result.step}
         marker = os.path.join(stage_cfg.run_dir, DONE)
         with open(marker + ".tmp", "w") as f:
@@ -144,7 +149,7 @@ class Cascade:
         result = run()
         with open(self._path("timings.jsonl"), "a") as f:
             f.write(json.dumps({"stage": name, "seconds": round(time.perf_counter() - started, 1),
-                                "reason": result.reason}) + "\n")
+                                "reason": getattr(result, "reason", "done")}) + "\n")
         return result
 
     def _record_recipe(self) -> None:

@@ -37,7 +37,7 @@ def _score(result: dict | None, domain: str) -> float | None:
     if result is None:
         return None
     entry = result.get("domains", {}).get(domain)
-    return None if entry is None else entry["greedy"]
+    return None if entry is None else entry.get("pass@1", entry["greedy"])
 
 
 def teacher_section(cascade, evals: dict, labels: dict) -> str:
@@ -61,6 +61,6 @@ def teacher_section(cascade, evals: dict, labels: dict) -> str:
                         f"{'yes' if gap >= -margin else 'no'} |")
     if not rows:
         return ""
-    return "\n".join([f"## MOPD: distilled domains against their teachers (margin {margin:.2f}, greedy, held out)",
+    return "\n".join([f"## MOPD: distilled domains against their teachers (margin {margin:.2f}, pass@1 at T = 1, held out)",
                       "", "| stage | domain | teacher | student before | student after | after − teacher | "
                           f"within {margin:.2f} |", "|---|---|---|---|---|---|---|", *rows])

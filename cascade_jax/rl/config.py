@@ -113,6 +113,7 @@ class JudgeSection:
     max_tokens: int = 256
     temperature: float = 0.0
     pairs: str = "all"             # pairwise: all pairs of a group ([C2]) | circular (NeMo-Gym's default)
+    swap: bool = False             # pairwise: judge each pair in both orders (cancels a judge's position bias)
 
     def __post_init__(self):
         one_of("reward.judge.pairs", self.pairs, ("all", "circular"))

@@ -140,13 +140,15 @@ def aggregate(greedy: Sequence[float], samples: Sequence[Sequence[float]], k: in
             "greedy": float(np.mean(greedy >= 1.0)) if count else 0.0,
             "greedy_reward": float(np.mean(greedy)) if count else 0.0,
             f"pass@{k}": float(np.mean(passes)) if count else 0.0,
+            # pass@1 from the n samples (c/n per prompt): the paper's avg@n, what RL at T = 1 optimises
+            "pass@1": float(np.mean([np.mean(np.asarray(s) >= 1.0) for s in samples])) if count else 0.0,
             "sample_reward": float(np.mean([np.mean(s) for s in samples])) if count else 0.0}
 
 
 def overall(domains: dict[str, dict], k: int) -> dict:
     """Prompt-weighted means over the domains."""
     total = sum(d["n"] for d in domains.values())
-    keys = ("greedy", "greedy_reward", f"pass@{k}", "sample_reward")
+    keys = tuple(dict.fromkeys(("greedy", "greedy_reward", "pass@1", f"pass@{k}", "sample_reward")))
     return {"n": total, **{key: (sum(d[key] * d["n"] for d in domains.values()) / total if total else 0.0)
                            for key in keys}}
 
@@ -239,18 +241,19 @@ def evaluate(model, tokenizer, suite: str = "tiny", *, limit_per_domain: int | N
 
 # ---------------------------------------------------------------------------------------- presentation
 def format_table(result: dict) -> str:
-    """A fixed-width console table: one row per domain (and `all`), n, greedy, mean reward, pass@k."""
+    """A fixed-width console table: one row per domain (and `all`), n, greedy, its mean reward, pass@1 (over the
+    samples at T = 1) and pass@k."""
     k = result["pass_k"]
     rows = list(result["domains"].items())
     if len(rows) > 1 and "overall" in result:
         rows.append(("all", result["overall"]))
     name_width = max([len("domain"), *(len(d) for d, _ in rows)])
     key = f"pass@{k}"
-    header = f"{'domain':<{name_width}}  {'n':>5}  {'greedy':>7}  {'reward':>7}  {key:>7}"
+    header = f"{'domain':<{name_width}}  {'n':>5}  {'greedy':>7}  {'reward':>7}  {'pass@1':>7}  {key:>7}"
     lines = [header, "-" * len(header)]
     for domain, d in rows:
         lines.append(f"{domain:<{name_width}}  {d['n']:>5d}  {d['greedy']:>7.3f}  {d['greedy_reward']:>7.3f}  "
-                     f"{d[key]:>7.3f}")
+                     f"{d.get('pass@1', float('nan')):>7.3f}  {d[key]:>7.3f}")
     samples = result.get("samples", k)
     lines.append(f"suite {result['suite']}, greedy + {samples} samples per prompt at T=1, "
                  f"{result.get('seconds', 0.0):.1f} s")

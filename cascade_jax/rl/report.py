@@ -1,7 +1,7 @@
 """The end-of-run report of a cascade: training curves, held-out scores after every stage, wall times.
 
 `write_report(out_dir, stages, evals)` writes `rewards.png` (one panel per RL stage: its reward, or for
-MOPD its advantage, against the step), `evals.png` (greedy score of every domain after every stage,
+MOPD its advantage, against the step), `evals.png` (pass@1 of every domain after every stage,
 pass@k dashed) and `report.md`, each atomically (temp file, then rename). The inputs are plain data:
 
 - `stages`: in order, `{"name", "kind": "sft"|"grpo"|"mopd", "run_dir", "seconds": float|None,
@@ -67,9 +67,11 @@ def _pass_key(result: dict) -> str | None:
     return f"pass@{k}" if k is not None else None
 
 
-def _greedy(result: dict | None, domain: str) -> float | None:
+def _headline(result: dict | None, domain: str) -> float | None:
+    """A domain's headline score: pass@1 over the samples at T = 1 (the paper's avg@n, what RL optimises),
+    or the greedy accuracy for results without samples."""
     entry = (result or {}).get("domains", {}).get(domain)
-    return None if entry is None else entry.get("greedy")
+    return None if entry is None else entry.get("pass@1", entry.get("greedy"))
 
 
 def start_label(stages: Sequence[dict], index: int, labels: Sequence[str]) -> str | None:
@@ -107,12 +109,13 @@ def scores_table(evals: Sequence[tuple[str, dict]]) -> str:
             if entry is None:
                 cells.append("–")
             else:
-                cells.append(f"{_num(entry.get('greedy'))} / {_num(entry.get(key) if key else None)}")
+                cells.append(f"{_num(entry.get('pass@1'))} / {_num(entry.get('greedy'))} / "
+                             f"{_num(entry.get(key) if key else None)}")
         lines.append(f"| {label} | {' | '.join(cells)} |")
     ns = {d: next((r["domains"][d].get("n") for _, r in evals if d in r.get("domains", {})), None)
           for d in domains}
     suites = sorted({str(r.get("suite")) for _, r in evals if r.get("suite") is not None})
-    note = (f"Each cell: greedy accuracy / {pass_name} (held out"
+    note = (f"Each cell: pass@1 (mean over the samples at T = 1) / greedy accuracy / {pass_name} (held out"
             f"{', suite ' + ', '.join(suites) if suites else ''}; prompts per domain: "
             + ", ".join(f"{d} {n}" for d, n in ns.items()) + ").")
     return "\n".join(["## Held-out scores after every stage", "", *lines, "", note])
@@ -136,14 +139,14 @@ def own_domain_table(stages: Sequence[dict], evals: Sequence[tuple[str, dict]]) 
     for i, stage in enumerate(stages):
         before_label = start_label(stages, i, labels)
         for domain in stage.get("domains") or ():
-            before = _greedy(results.get(before_label), domain)
-            after = _greedy(results.get(stage["name"]), domain)
+            before = _headline(results.get(before_label), domain)
+            after = _headline(results.get(stage["name"]), domain)
             change = None if before is None or after is None else after - before
             rows.append(f"| {stage['name']} | {domain} | {before_label or '–'} {_num(before)} | {_num(after)} | "
                         f"{'–' if change is None else f'{change:+.3f}'} |")
     if not rows:
         return ""
-    return "\n".join(["## Each stage on its own domains (greedy, held out)", "",
+    return "\n".join(["## Each stage on its own domains (pass@1 at T = 1, held out)", "",
                       "| stage | domain | before | after | change |", "|---|---|---|---|---|", *rows])
 
 
@@ -197,14 +200,14 @@ def evals_figure(evals: Sequence[tuple[str, dict]]):
     x = list(range(len(labels)))
     for i, domain in enumerate(eval_domains(evals)):
         color = f"C{i % 10}"
-        greedy = [_greedy(r, domain) for _, r in evals]
-        ax.plot(x, [math.nan if v is None else v for v in greedy], marker="o", color=color, label=domain)
+        headline = [_headline(r, domain) for _, r in evals]
+        ax.plot(x, [math.nan if v is None else v for v in headline], marker="o", color=color, label=domain)
         passes = [(r.get("domains", {}).get(domain) or {}).get(_pass_key(r) or "") for _, r in evals]
         if any(v is not None for v in passes):
             ax.plot(x, [math.nan if v is None else v for v in passes], linestyle="--", color=color, alpha=0.6)
     ax.set_xticks(x, labels, rotation=30 if len(labels) > 4 else 0)
     ax.set_ylim(-0.02, 1.02)
-    ax.set_ylabel("held-out score (greedy; pass@k dashed)")
+    ax.set_ylabel("held-out pass@1 (pass@k dashed)")
     ax.grid(alpha=0.3)
     if labels:
         ax.legend(fontsize=8, loc="best")

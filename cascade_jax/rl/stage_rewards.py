@@ -62,6 +62,6 @@ class StageRewards(contextlib.ExitStack):
         else:
             from cascade_jax.rl.rewards.pairwise import PairwiseJudge
 
-            judge = PairwiseJudge(self.judge_config, pairs=self.section.judge.pairs)
+            judge = PairwiseJudge(self.judge_config, pairs=self.section.judge.pairs, swap=self.section.judge.swap)
             rewards, counts = judge.group_rewards([m["prompt_text"] for m in metas], texts, self.group_size)
         return np.asarray(rewards, np.float32), counts

@@ -45,7 +45,7 @@ def test_table_on_stdout_and_json_written(ckpt, tmp_path):
                             cwd=REPO, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     lines = result.stdout.strip().splitlines()
-    assert lines[0].split() == ["domain", "n", "greedy", "reward", "pass@2"]
+    assert lines[0].split() == ["domain", "n", "greedy", "reward", "pass@1", "pass@2"]
     for domain in ("math", "instruction_following", "multiple_choice", "code", "all"):
         assert any(line.split()[0] == domain for line in lines[2:]), domain
     record = json.loads(out.read_text())

@@ -58,7 +58,7 @@ def test_correct_answers_score_one_and_wrong_ones_zero():
     perfect = es.score(selected, texts, [[t] * 3 for t in texts], 2)
     assert list(perfect) == list(TASKS)
     for d in perfect.values():
-        assert d == {"n": 2, "greedy": 1.0, "greedy_reward": 1.0, "pass@2": 1.0, "sample_reward": 1.0}
+        assert d == {"n": 2, "greedy": 1.0, "greedy_reward": 1.0, "pass@2": 1.0, "pass@1": 1.0, "sample_reward": 1.0}
     wrong = es.score(selected, ["no idea"] * len(flat), [["no idea"] * 3] * len(flat), 2)
     for domain, d in wrong.items():
         assert d["greedy"] == 0.0 and d["pass@2"] == 0.0, domain
@@ -69,9 +69,10 @@ def test_pass_at_k_from_a_mix_of_samples():
     selected = {"math": [r for r in records if r["domain"] == "math"]}
     [record] = selected["math"]
     good = answers[records.index(record)]
-    # 4 samples, 1 correct: pass@2 = 1 - C(3,2)/C(4,2) = 0.5; the greedy answer is wrong
+    # 4 samples, 1 correct: pass@2 = 1 - C(3,2)/C(4,2) = 0.5, pass@1 = 1/4; the greedy answer is wrong
     result = es.score(selected, ["wrong"], [[good, "x", "y", "z"]], 2)["math"]
-    assert result == {"n": 1, "greedy": 0.0, "greedy_reward": 0.0, "pass@2": 0.5, "sample_reward": 0.25}
+    assert result == {"n": 1, "greedy": 0.0, "greedy_reward": 0.0, "pass@2": 0.5, "pass@1": 0.25,
+                      "sample_reward": 0.25}
 
 
 def test_aggregate_gives_partial_credit_as_mean_reward():

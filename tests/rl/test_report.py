@@ -55,8 +55,9 @@ def test_report_files_and_numbers(tmp_path):
     assert sorted(os.listdir(out)) == ["evals.png", "report.md", "rewards.png"]   # no temp file left
     md = open(paths["report"]).read()
     assert "| eval | math | instruction_following | code |" in md
-    assert "| start | 0.125 / 0.250 | 0.500 / 0.625 | 0.000 / 0.000 |" in md
-    assert "| mopd | 0.375 / 0.625 | 0.688 / 0.875 | 0.167 / 0.333 |" in md
+    # results without samples' pass@1: "–", then greedy / pass@k; the changes fall back to greedy
+    assert "| start | – / 0.125 / 0.250 | – / 0.500 / 0.625 | – / 0.000 / 0.000 |" in md
+    assert "| mopd | – / 0.375 / 0.625 | – / 0.688 / 0.875 | – / 0.167 / 0.333 |" in md
     assert "pass@4" in md
     # wall time: seconds and h:mm:ss, total of the known ones
     assert "| if-rl | grpo | 3725.5 | 1:02:06 |" in md and "| mopd | mopd | – | – |" in md
