@@ -48,7 +48,7 @@ def cascade_main(argv: list[str]) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("cascade_jax").setLevel(logging.INFO)
     logging.getLogger("absl").setLevel(logging.WARNING)
-    import absl.logging   # Orbax warns per parameter when a stage exports or loads; keep the terminal to the stages
+    import absl.logging  # Orbax warns per parameter when a stage exports or loads; keep the terminal to the stages
 
     absl.logging.set_verbosity(absl.logging.ERROR)
 
