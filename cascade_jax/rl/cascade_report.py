@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 import os
 
-from cascade_jax.rl.report import write_report
+from cascade_jax.rl.report import read_metrics, write_report
 
 
 def cascade_report(cascade) -> str:
@@ -27,9 +27,9 @@ def cascade_report(cascade) -> str:
         if os.path.isfile(path):
             with open(path) as f:
                 evals[label] = json.load(f)
-    section = teacher_section(cascade, evals, labels)
+    sections = [judge_section(cascade), teacher_section(cascade, evals, labels)]
     paths = write_report(os.path.join(cfg.run_dir, "report"), stages, list(evals.items()),
-                         extra_sections=[section] if section else [])
+                         extra_sections=[s for s in sections if s])
     return paths["report"]
 
 
@@ -64,3 +64,25 @@ def teacher_section(cascade, evals: dict, labels: dict) -> str:
     return "\n".join([f"## MOPD: distilled domains against their teachers (margin {margin:.2f}, pass@1 at T = 1, held out)",
                       "", "| stage | domain | teacher | student before | student after | after − teacher | "
                           f"within {margin:.2f} |", "|---|---|---|---|---|---|---|", *rows])
+
+
+def judge_section(cascade) -> str:
+    """Judge-rewarded stages (RLHF): the held-out win rate against the stage start's answers, first and last
+    evaluation, and the response length the judge's length terms act on."""
+    rows = []
+    for spec, stage_cfg in zip(cascade.cfg.stages, cascade.stage_cfgs):
+        if stage_cfg.reward.kind == "verifier":
+            continue
+        metrics = read_metrics(stage_cfg.run_dir)
+        wins = [m["eval_judge_win_rate"] for m in metrics if "eval_judge_win_rate" in m]
+        lengths = [m["response_length"] for m in metrics if "response_length" in m]
+        if not wins and not lengths:
+            continue
+        win = f"{wins[0]:.3f} → {wins[-1]:.3f}" if wins else "–"
+        length = f"{lengths[0]:.1f} → {lengths[-1]:.1f}" if lengths else "–"
+        rows.append(f"| {spec.name} | {stage_cfg.reward.kind} | {win} | {length} |")
+    if not rows:
+        return ""
+    return "\n".join(["## Judge-rewarded stages (held-out win rate against the stage's start)", "",
+                      "| stage | reward | win rate, first → last evaluation | response length, first → last step |",
+                      "|---|---|---|---|", *rows])

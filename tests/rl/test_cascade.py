@@ -12,12 +12,14 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 
 import cascade_jax as cj
 from cascade_jax.cli.rl import main as rl_main
 from tests.cli.test_generate import make_checkpoint
+from tests.reference.ref_python import ref_python
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -98,6 +100,13 @@ def test_a_cascade_runs_its_stages_in_order_and_leaves_evals_report_and_export(s
     assert "MOPD: distilled domains against their teachers" in report and "instruction_following" in report
     exported = cj.load_pretrained(str(run_dir / "hf"))
     assert exported.config == cj.load_pretrained(str(stages / "01-distill")).config
+    if ref_python() is not None:   # the export runs in transformers with our logits
+        ids = np.random.default_rng(0).integers(3, exported.config.vocab_size, (2, 12)).astype(np.int32)
+        np.savez(tmp_path / "expected.npz", input_ids=ids, logits=np.asarray(exported(ids).logits, np.float32))
+        check = subprocess.run([str(ref_python()), str(REPO / "tests" / "reference" / "check_export.py"),
+                                str(run_dir / "hf"), "--expect-logits", str(tmp_path / "expected.npz")],
+                               capture_output=True, text=True, timeout=600)
+        assert check.returncode == 0 and check.stdout.startswith("ok: "), check.stdout + check.stderr[-2000:]
     assert "report:" in out and "wall time" in out and str(run_dir / "hf") in out
 
     before = {p: p.stat().st_mtime_ns for p in run_dir.rglob("*") if p.is_file()}
