@@ -56,7 +56,7 @@ def test_every_readme_block_runs(tmp_path):
             continue
         command = ["bash", "-euo", "pipefail", "-c", code] if language == "bash" else [
             str(REPO / ".venv" / "bin" / "python"), "-c", code]
-        result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=1200)
+        result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=2700)
         assert result.returncode == 0, (f"README block {number} ({language}) failed:\n{code}\n--- output ---\n"
                                         f"{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
 

@@ -44,7 +44,7 @@ def cascade_main(argv: list[str]) -> int:
     parser.add_argument("--config", required=True, help="cascade recipe (configs/cascade/*.yaml)")
     parser.add_argument("--stage", help="run only this stage (its start must have run)")
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. eval.limit_per_domain=8")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)   # overrides before and after --stage
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("cascade_jax").setLevel(logging.INFO)
     logging.getLogger("absl").setLevel(logging.WARNING)

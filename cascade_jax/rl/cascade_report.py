@@ -17,6 +17,9 @@ def cascade_report(cascade) -> str:
     if cfg.sft.config is not None:
         stages.append({"name": "sft", "kind": "sft", "run_dir": cascade.start, "seconds": timings.get("sft"),
                        "domains": []})
+    if "start_eval" in timings:
+        stages.append({"name": "start_eval", "kind": "eval", "run_dir": None, "seconds": timings["start_eval"],
+                       "domains": []})
     for spec, stage_cfg in zip(cfg.stages, cascade.stage_cfgs):
         stages.append({"name": spec.name, "kind": spec.kind, "run_dir": stage_cfg.run_dir,
                        "seconds": timings.get(spec.name), "domains": list(spec.domains),

@@ -154,6 +154,8 @@ def training_table(stages: Sequence[dict], metrics: dict[str, list[dict]]) -> st
     lines = ["## Training curves", "", "| stage | kind | steps logged | metric | first | last |",
              "|---|---|---|---|---|---|"]
     for stage in stages:
+        if not stage.get("run_dir"):   # e.g. the start's evaluation: time, no training
+            continue
         logged = metrics[stage["name"]]
         key, _, values = curve(logged, stage.get("kind", "grpo"))
         lines.append(f"| {stage['name']} | {stage.get('kind', '')} | {len(logged)} | {key or '–'} | "
