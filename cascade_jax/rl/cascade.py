@@ -88,6 +88,8 @@ class Cascade:
         if only_stage is None and os.path.isfile(done_path):
             return CascadeResult("already_complete", f"{self.run_dir} is already complete; nothing to do",
                                  self._path("report", "report.md"), self._export_dir())
+        if self.cfg.sft.config is None and not os.path.exists(self.start):   # before anything is written
+            raise ValueError(f"start: no such checkpoint {self.start}")
         if not os.path.isfile(self._path("cascade.yaml")) and os.path.exists(self._export_dir()):
             raise ValueError(f"export: {self._export_dir()} already exists; choose another export directory")
         self._record_recipe()

@@ -165,3 +165,16 @@ def test_sigkill_inside_a_stage_resumes_there_and_keeps_finished_stages(start, d
     assert _tree_digest(first_stage) == finished
     assert json.loads((run_dir / "stages" / "01-distill" / "stage_done.json").read_text())["step"] == 12
     assert (run_dir / "cascade_done.json").is_file()
+
+
+@pytest.mark.parametrize("override, message", [
+    (["start=/nonexistent"], "start: no such checkpoint /nonexistent"),
+    (["stages.0.settings.optimizer.lr=-1"], "stages[0] (first): optimizer.lr"),
+    (["stages.1.settings.mopd.teachers.first=stage:later"], "names no earlier stage"),
+])
+def test_bad_input_is_one_line_and_leaves_nothing(start, data, tmp_path, capsys, override, message):
+    path = recipe(tmp_path / "recipe.yaml", start, data, tmp_path / "run")
+    assert rl_main(["--config", path, *override]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("cascade-rl: error: ") and message in err and "\n" not in err
+    assert not (tmp_path / "run").exists()
