@@ -87,3 +87,16 @@ def test_a_resumed_stage_repeats_the_uninterrupted_steps(start, prompts, tmp_pat
 def test_a_stage_needs_a_starting_checkpoint(tmp_path):
     with pytest.raises(ValueError, match="model.from_pretrained"):
         run_grpo(load_rl_config("configs/rl/tiny.yaml", [f"run_dir={tmp_path}", "model.from_pretrained=null"]))
+
+
+def test_group_max_mask_leaves_groups_without_a_good_rollout_out_of_the_loss(start, prompts, tmp_path):
+    """The agentless-SWE rule: a group whose best reward is <= the threshold trains nothing (fraction rewards
+    here never reach 1.0, so a threshold of 1.0 masks every group; 0.0 masks none that has any credit)."""
+    masked = tmp_path / "masked"
+    run_grpo(_config(start, masked, prompts, "train.steps=1", "grpo.group_max_mask=1.0", "grpo.dynamic_filter=false"))
+    kept = tmp_path / "kept"
+    run_grpo(_config(start, kept, prompts, "train.steps=1", "grpo.group_max_mask=0.0", "grpo.dynamic_filter=false"))
+    masked_row, kept_row = _metrics(masked)[1], _metrics(kept)[1]
+    assert masked_row["reward_mean"] < 1.0
+    assert masked_row["loss"] == 0 and masked_row["grad_norm"] == 0   # (the step reports at least 1 loss token)
+    assert kept_row["loss_tokens"] > 1 and kept_row["grad_norm"] > 0
