@@ -6,31 +6,12 @@ import os
 import subprocess
 import sys
 
-import numpy as np
 import pytest
 
 from cascade_jax.cli.eval import main
+from tests.cli.test_generate import make_checkpoint
 
 REPO = os.path.join(os.path.dirname(__file__), "..", "..")
-
-
-def make_checkpoint(path) -> str:
-    """A random tiny model in the converted-checkpoint layout (what `to-jax` writes); its vocabulary fits
-    the bundled tokenizer, which cascade-eval picks by default."""
-    import orbax.checkpoint as ocp
-    from flax import nnx
-
-    import cascade_jax as cj
-    from cascade_jax.model.nemotron_h import NemotronH
-    from cascade_jax.weights.orbax_params import PARAMS_DIR, default_generation_config, write_config
-
-    config = cj.ModelConfig.preset("tiny").replace(layer_pattern="M*E")
-    model = NemotronH(config, rngs=nnx.Rngs(0))
-    os.makedirs(path, exist_ok=True)
-    with ocp.PyTreeCheckpointer() as checkpointer:
-        checkpointer.save(os.path.join(os.path.abspath(path), PARAMS_DIR), nnx.to_pure_dict(nnx.state(model)))
-    write_config(path, config, np.float32, default_generation_config(config))
-    return str(path)
 
 
 @pytest.fixture(scope="module")

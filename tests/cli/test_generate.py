@@ -11,9 +11,9 @@ import pytest
 REPO = os.path.join(os.path.dirname(__file__), "..", "..")
 
 
-def make_checkpoint(path) -> str:
-    """A random tiny model saved in the converted-checkpoint layout; its vocabulary fits the bundled tokenizer,
-    which the CLIs then pick by default (no tokenizer is saved beside it)."""
+def make_checkpoint(path, model=None) -> str:
+    """`model` (default: a random tiny one) saved in the converted-checkpoint layout; the tiny vocabulary fits
+    the bundled tokenizer, which the CLIs then pick by default (no tokenizer is saved beside it)."""
     import orbax.checkpoint as ocp
     from flax import nnx
 
@@ -21,12 +21,12 @@ def make_checkpoint(path) -> str:
     from cascade_jax.model.nemotron_h import NemotronH
     from cascade_jax.weights.orbax_params import PARAMS_DIR, default_generation_config, write_config
 
-    config = cj.ModelConfig.preset("tiny").replace(layer_pattern="M*E")
-    model = NemotronH(config, rngs=nnx.Rngs(0))
+    if model is None:
+        model = NemotronH(cj.ModelConfig.preset("tiny").replace(layer_pattern="M*E"), rngs=nnx.Rngs(0))
     os.makedirs(path, exist_ok=True)
     with ocp.PyTreeCheckpointer() as checkpointer:
         checkpointer.save(os.path.join(os.path.abspath(path), PARAMS_DIR), nnx.to_pure_dict(nnx.state(model)))
-    write_config(path, config, np.float32, default_generation_config(config))
+    write_config(path, model.config, np.float32, default_generation_config(model.config))
     return str(path)
 
 

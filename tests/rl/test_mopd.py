@@ -7,13 +7,11 @@
 """
 
 import json
-import os
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-import orbax.checkpoint as ocp
 import pytest
 from flax import nnx
 
@@ -27,16 +25,7 @@ from cascade_jax.rl.policy_loss import PolicyLoss
 from cascade_jax.rl.teachers import Teachers
 from cascade_jax.train.state import init_train_state, split_model
 from cascade_jax.train.step import train_step
-from cascade_jax.weights.orbax_params import PARAMS_DIR, default_generation_config, write_config
 from tests.cli.test_generate import make_checkpoint
-
-
-def save_model(model, path) -> str:
-    os.makedirs(path, exist_ok=True)
-    with ocp.PyTreeCheckpointer() as checkpointer:
-        checkpointer.save(os.path.join(os.path.abspath(path), PARAMS_DIR), nnx.to_pure_dict(nnx.state(model)))
-    write_config(path, model.config, np.float32, default_generation_config(model.config))
-    return str(path)
 
 
 @pytest.fixture(scope="module")
@@ -97,7 +86,7 @@ def test_a_teacher_preferring_a_over_b_raises_the_students_log_prob_of_a(student
     assert teacher.lm_head is not None, "the tiny preset has an untied lm_head"
     kernel = teacher.lm_head.kernel
     kernel[...] = kernel[...].at[:, a].add(jnp.asarray(8.0 * hidden / np.dot(hidden, hidden)))
-    teacher_path = save_model(teacher, tmp_path / "teacher")
+    teacher_path = make_checkpoint(tmp_path / "teacher", teacher)
 
     teachers = _teachers(student, {"t": teacher_path}, {}, default="t")
     batch = _batch([prompt, prompt], [[a], [b]], rows_per_micro_batch=2)
@@ -126,8 +115,8 @@ def test_a_teacher_preferring_a_over_b_raises_the_students_log_prob_of_a(student
 
 
 def test_routing_by_domain_with_two_teachers(student, tmp_path):
-    other = save_model(cj.model.nemotron_h.NemotronH(cj.load_pretrained(student).config, rngs=nnx.Rngs(7)),
-                       tmp_path / "other")
+    other = make_checkpoint(tmp_path / "other",
+                            cj.model.nemotron_h.NemotronH(cj.load_pretrained(student).config, rngs=nnx.Rngs(7)))
     teachers = _teachers(student, {"math": student, "chat": other, "chat_again": other},
                          {"math": "math", "instruction_following": "chat"}, default="chat_again")
     assert len(teachers.paths) == 2   # one checkpoint named twice is loaded once
@@ -157,7 +146,7 @@ def test_routing_without_a_teacher_is_one_clear_error(student):
 
 def test_a_teacher_of_another_architecture_is_refused(student, tmp_path):
     config = cj.load_pretrained(student).config.replace(layer_pattern="M*")
-    other = save_model(cj.model.nemotron_h.NemotronH(config, rngs=nnx.Rngs(0)), tmp_path / "other")
+    other = make_checkpoint(tmp_path / "other", cj.model.nemotron_h.NemotronH(config, rngs=nnx.Rngs(0)))
     with pytest.raises(ValueError, match="not the student's architecture"):
         _teachers(student, {"x": other}, {}, default="x")
 
