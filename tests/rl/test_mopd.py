@@ -44,14 +44,14 @@ def _batch(prompts, responses, rows_per_micro_batch=1, row_len=16):
     return micro_batches(rows, rows_per_micro_batch)
 
 
-def test_teacher_equal_to_student_leaves_the_weights_unchanged(student, tmp_path):
-    """A full MOPD stage step (rollouts, teacher pass, trainer pass, update): advantage 0 everywhere, so the
-    gradient is exactly zero and AdamW (no weight decay) moves nothing."""
+def _self_distillation(student, tmp_path, *extra):
+    """One MOPD step whose only teacher is the student itself; returns (last metrics row, run_dir)."""
     prompts = tmp_path / "prompts.jsonl"
     with open(prompts, "w") as f:
         for i in range(4):
             f.write(json.dumps({"messages": [{"role": "user", "content": f"Say hi {i}."}], "domain": "chat",
-                                "verifier": {"kind": "ifeval", "constraints": [{"type": "max_words", "n": 3}]}})
+                                "verifier": {"kind": "ifeval", "mode": "fraction", "constraints": [
+                                    {"type": "max_words", "n": n} for n in (1, 2, 3, 4, 5, 6)]}})
                     + "\n")
     run_dir = tmp_path / "mopd"
     cfg = load_rl_config("configs/rl/tiny.yaml", [
@@ -60,15 +60,26 @@ def test_teacher_equal_to_student_leaves_the_weights_unchanged(student, tmp_path
         "rollout.max_new_tokens=6", "rollout.max_slots=4", "train.steps=1", "train.rows_per_micro_batch=2",
         "train.accuracy_eval_every=0", "checkpoint.every=1", "checkpoint.async_save=false", "reward.num_workers=1",
         "optimizer.lr=1e-2", "optimizer.weight_decay=0.0", "grpo.overlong=none", "grpo.dynamic_filter=false",
-        f"mopd.teachers.self={student}", "mopd.default_teacher=self"])
-    result = run_grpo(cfg)
-    assert result.reason == "complete"
+        f"mopd.teachers.self={student}", "mopd.default_teacher=self", *extra])
+    assert run_grpo(cfg).reason == "complete"
     with open(run_dir / "metrics.jsonl") as f:
-        metrics = [json.loads(line) for line in f][-1]
+        return [json.loads(line) for line in f][-1], run_dir
+
+
+def test_teacher_equal_to_student_leaves_the_weights_unchanged(student, tmp_path):
+    """A full MOPD stage step (rollouts, teacher pass, trainer pass, update): advantage 0 everywhere, so the
+    gradient is exactly zero and AdamW (no weight decay) moves nothing."""
+    metrics, run_dir = _self_distillation(student, tmp_path)
     assert metrics["mopd_advantage_mean"] == 0.0 and metrics["grad_norm"] == 0.0 and metrics["loss_tokens"] > 0
     before = jax.tree.leaves(nnx.state(cj.load_pretrained(student)))
     after = jax.tree.leaves(nnx.state(cj.load_pretrained(str(run_dir))))
     assert all(np.array_equal(a, b) for a, b in zip(before, after))
+
+
+def test_outcome_weight_adds_the_grpo_advantage(student, tmp_path):
+    """MiMo's variant: with mopd.outcome_weight the outcome advantage trains even when the teacher agrees."""
+    metrics, _ = _self_distillation(student, tmp_path, "mopd.outcome_weight=1.0")
+    assert metrics["mopd_advantage_mean"] == 0.0 and metrics["grad_norm"] > 0
 
 
 def _context_hidden(model, prompt):
