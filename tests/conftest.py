@@ -34,3 +34,16 @@ def rewrite_checkpoint():
         edit(tensors)
         save_file(tensors, directory / "model.safetensors", metadata={"format": "pt"})
     return rewrite
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _release_compiled_programs():
+    """Each compiled XLA:CPU program holds its own memory mappings; a whole suite's worth in one process passes
+    the kernel's vm.max_map_count (65,530) and the next compilation crashes. Free them after every module."""
+    yield
+    import gc
+
+    import jax
+
+    jax.clear_caches()
+    gc.collect()
