@@ -12,7 +12,8 @@ import json
 import logging
 import os
 import sys
-import tempfile
+
+from cascade_jax.cli.generate import write_atomically
 
 PROG = "cascade-eval"
 
@@ -38,22 +39,6 @@ def check_out(out: str, ckpt: str) -> None:
         home = os.path.realpath(ckpt)
         if os.path.commonpath([home, path]) == home:
             raise UsageError(f"--out {out} is inside the checkpoint directory {ckpt}; write it elsewhere")
-
-
-def write_json_atomically(path: str, value) -> None:
-    """Temp file in the same folder, then rename: a crash leaves the old file (or none), never half a file."""
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(value, f, indent=1)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
 
 
 def positive(name: str):
@@ -119,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
         result["checkpoint"] = args.ckpt
         print(format_table(result), flush=True)
         if args.out:
-            write_json_atomically(args.out, result)
+            write_atomically(args.out, json.dumps(result, indent=1) + "\n")
             print(f"{PROG}: wrote {args.out}", file=sys.stderr)
     except (CheckpointError, UsageError, ValueError, OSError) as e:
         return fail(e)

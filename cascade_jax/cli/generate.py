@@ -136,14 +136,13 @@ def read_prompts_file(path: str) -> list[dict]:
     return jobs
 
 
-def write_atomically(path: str, lines) -> None:
-    """Temp file in the same folder, then rename: a crash leaves the old file (or none), never half a file."""
+def write_atomically(path: str, text: str) -> None:
+    """Temp file in the same folder, fsynced, then renamed: a crash leaves the old file (or none), never half a file."""
     folder = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
     try:
         with os.fdopen(fd, "w") as f:
-            for line in lines:
-                f.write(json.dumps(line, ensure_ascii=False) + "\n")
+            f.write(text)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -182,7 +181,7 @@ def run_file(args, model, tokenizer, jobs) -> None:
                               "logprobs": r.logprobs, "model_logprobs": r.model_logprobs,
                               "finish_reason": r.finish_reason} for r in group]
         out.append(record)
-    write_atomically(args.out, out)
+    write_atomically(args.out, "".join(json.dumps(line, ensure_ascii=False) + "\n" for line in out))
     print(f"cascade-generate: wrote {len(out)} lines to {args.out}", file=sys.stderr)
 
 

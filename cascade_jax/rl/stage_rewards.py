@@ -18,6 +18,7 @@ import numpy as np
 from cascade_jax.rl.config import RewardSection
 from cascade_jax.rl.rewards import strip_end_tokens
 from cascade_jax.rl.rewards.judge import JudgeClient, JudgeConfig, JudgeItem
+from cascade_jax.rl.rewards.pairwise import PairwiseJudge
 from cascade_jax.rl.rewards.pool import RewardPool
 
 
@@ -27,6 +28,7 @@ class StageRewards(contextlib.ExitStack):
         self.section, self.group_size, self.log_dir = section, group_size, log_dir
         self.pool: RewardPool | None = None
         self.judge_config: JudgeConfig | None = None
+        self.judge: JudgeClient | PairwiseJudge | None = None   # made once the endpoint is known
 
     def __enter__(self) -> StageRewards:
         super().__enter__()
@@ -48,6 +50,8 @@ class StageRewards(contextlib.ExitStack):
         self.judge_config = JudgeConfig(base_url=base_url, model=model, timeout_s=j.timeout_s,
                                         max_concurrency=j.max_concurrency, temperature=j.temperature,
                                         max_tokens=j.max_tokens)
+        self.judge = (JudgeClient(self.judge_config) if s.kind == "judge" else
+                      PairwiseJudge(self.judge_config, pairs=j.pairs, swap=j.swap))
         return self
 
     def score(self, texts: list[str], metas: list[dict]) -> tuple[np.ndarray, dict[str, int]]:
@@ -58,10 +62,7 @@ class StageRewards(contextlib.ExitStack):
         elif kind == "judge":
             items = [JudgeItem(prompt=m["prompt_text"], response=strip_end_tokens(t), reference=m.get("reference_response"),
                                rubric=(m.get("verifier") or {}).get("rubric")) for t, m in zip(texts, metas)]
-            rewards, _, counts = JudgeClient(self.judge_config).score(items)
+            rewards, _, counts = self.judge.score(items)
         else:
-            from cascade_jax.rl.rewards.pairwise import PairwiseJudge
-
-            judge = PairwiseJudge(self.judge_config, pairs=self.section.judge.pairs, swap=self.section.judge.swap)
-            rewards, counts = judge.group_rewards([m["prompt_text"] for m in metas], texts, self.group_size)
+            rewards, counts = self.judge.group_rewards([m["prompt_text"] for m in metas], texts, self.group_size)
         return np.asarray(rewards, np.float32), counts
