@@ -27,6 +27,7 @@ import jax
 from cascade_jax.cli.plan_peak import format_breakdown, read_peak_breakdown
 from cascade_jax.cli.plan_step import PlanError, batch_shape, check_model_section, model_config_of, plan_train_step
 from cascade_jax.config import ModelConfig
+from cascade_jax.ops.attention import BACKEND_NAMES as ATTENTION_BACKENDS
 from cascade_jax.parallel.mesh import AXES, MeshConfigError
 from cascade_jax.train.config import RunConfigError, SFTConfig, load_sft_config
 
@@ -176,12 +177,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=["bfloat16", "float32", "float16"], help="compute dtype (model.dtype; default bfloat16; parameters: model.param_dtype)")
     p.add_argument("--dispatch", choices=["local", "allgather", "all_to_all", "ragged_all_to_all"],
                    help="MoE dispatch under the mesh (model.backends.moe_dispatch; default allgather)")
-    p.add_argument("--attention", choices=["xla", "flash"], help="attention backend (model.backends.attention; default xla)")
+    p.add_argument("--attention", choices=list(ATTENTION_BACKENDS),
+                   help="attention backend (model.backends.attention; default auto: xla on CPU, tokamax on GPU)")
     p.add_argument("--capacity-factor", type=_positive_float, metavar="F",
                    help="all_to_all slots per destination as a multiple of the balanced load "
                         "(model.backends.moe_capacity_factor; default: dropless)")
     p.add_argument("--loss-chunk", type=_positive_int, metavar="N",
                    help="tokens per device per lm_head/CE step (train.loss_chunk_size; default 1024)")
+    p.add_argument("--target", choices=["cpu", "gpu"], default="cpu",
+                   help="compiler: cpu = XLA:CPU for N fake devices (default, runs anywhere); gpu = XLA:GPU for N "
+                        "compile-only GPUs of the attached GPU's kind (needs one GPU; real kernels, no stand-in)")
     p.add_argument("--device-memory-gb", type=_positive_float, default=H200_BYTES / 1e9, metavar="GB",
                    help="memory of one device for the 'fits' line (default 141, an H200)")
     p.add_argument("--explain", type=_count, default=0, metavar="N",
@@ -283,24 +288,25 @@ def resolve(args, parser: argparse.ArgumentParser) -> Plan:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_intermixed_args(argv)
-    # The plan compiles for fake CPU devices; their count (XLA_FLAGS) is read when the CPU backend starts,
-    # which nothing before jax.device_count() below does.
-    jax.config.update("jax_platforms", "cpu")
-    os.environ["JAX_PLATFORMS"] = "cpu"
+    if args.target == "cpu":
+        # The plan compiles for fake CPU devices; their count (XLA_FLAGS) is read when the CPU backend starts,
+        # which nothing before jax.device_count() below does.
+        jax.config.update("jax_platforms", "cpu")
+        os.environ["JAX_PLATFORMS"] = "cpu"
     plan = resolve(args, parser)
     with tempfile.TemporaryDirectory(prefix="cascade-plan-") as dump_dir:
-        flags = f" --xla_force_host_platform_device_count={plan.devices}"
+        flags = f" --xla_force_host_platform_device_count={plan.devices}" if args.target == "cpu" else ""
         if args.explain:
             flags += f" --xla_dump_to={dump_dir} --xla_dump_hlo_module_re=.*train_step.*"
         kept = re.sub(r"--xla_force_host_platform_device_count=\S*", "", os.environ.get("XLA_FLAGS", ""))
         os.environ["XLA_FLAGS"] = (kept + flags).strip()
-        if jax.device_count() != plan.devices:
-            print(f"cascade-plan: error: JAX already started in this process with {jax.device_count()} devices, "
-                  f"the plan needs {plan.devices}; run cascade-plan in a fresh process", file=sys.stderr)
+        devices, error = _target_devices(args.target, plan.devices)
+        if error:
+            print(f"cascade-plan: error: {error}", file=sys.stderr)
             return 1
         start = time.perf_counter()
         try:
-            report = plan_train_step(plan.run, rows=plan.rows, model_config=plan.model_config)
+            report = plan_train_step(plan.run, rows=plan.rows, model_config=plan.model_config, devices=devices)
         except ValueError as e:
             message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             print(f"cascade-plan: error: {message}", file=sys.stderr)
@@ -310,6 +316,26 @@ def main(argv: list[str] | None = None) -> int:
         if args.explain:
             print(format_breakdown(read_peak_breakdown(dump_dir), args.explain))
     return 0
+
+
+def _target_devices(target: str, count: int) -> tuple[list | None, str | None]:
+    """(devices to compile for, None) or (None, why not): fake CPU devices, or compile-only GPUs that take
+    the attached GPU's target (so XLA:GPU compiles one device's program of a mesh larger than the machine)."""
+    if target == "cpu":
+        if jax.device_count() != count:
+            return None, (f"JAX already started in this process with {jax.device_count()} devices, the plan needs "
+                          f"{count}; run cascade-plan in a fresh process")
+        return None, None
+    try:
+        gpus = jax.devices("gpu")
+    except RuntimeError:
+        return None, "--target gpu needs a GPU in this process (jax.devices('gpu') found none)"
+    from jax._src.lib import xla_client
+    from jax.experimental import topologies
+
+    target_config = xla_client.get_topology_for_devices(gpus[:1]).target_config
+    topology = topologies.get_topology_desc(platform="cuda", topology=f"1x1x{count}", target_config=target_config)
+    return list(topology.devices), None
 
 
 def format_count(n: float) -> str:
@@ -351,7 +377,7 @@ def format_report(r: dict, device_bytes: float, seconds: float) -> str:
         f"FLOPs per token: XLA {_flops(r['flops_per_token'])} (of one micro-batch; inner loop bodies counted once) "
         f"vs 6·N_active "
         f"{_flops(r['six_n_active'])} (+ attention {_flops(r['attention_flops'])})",
-        f"fits in {device_bytes / 1e9:.0f} GB: {'yes' if fits else 'NO'}  (compiled in {seconds:.0f} s)",
+        f"fits in {device_bytes / 1e9:.0f} GB: {'yes' if fits else 'NO'}  (compiled by {r['compiler']} in {seconds:.0f} s)",
     ]
     return "\n".join(lines)
 

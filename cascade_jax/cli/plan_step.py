@@ -100,9 +100,10 @@ def check_model_section(section: ModelSection) -> None:
         raise PlanError(f"model.backends.moe_capacity_factor={factor}: expected a positive number (or null: dropless)")
 
 
-def plan_model(config: ModelConfig, section: ModelSection) -> NemotronH:
-    """The run's model (`train.setup.build_model`) as an abstract NNX module, with the stand-in grouped matmul."""
-    backends = dataclasses.replace(section.backends, grouped_matmul=STANDIN)
+def plan_model(config: ModelConfig, section: ModelSection, standin: bool = True) -> NemotronH:
+    """The run's model (`train.setup.build_model`) as an abstract NNX module, with the stand-in grouped matmul
+    unless `standin` is False (compilers with a real ragged grouped matmul)."""
+    backends = dataclasses.replace(section.backends, grouped_matmul=STANDIN) if standin else section.backends
     return nnx.eval_shape(lambda: NemotronH(config, rngs=nnx.Rngs(0), dtype=jnp.dtype(section.dtype),
                                             param_dtype=jnp.dtype(section.param_dtype), backends=backends,
                                             remat=section.remat))
@@ -124,10 +125,10 @@ def _shard_bytes(abstract) -> int:
     return total
 
 
-def abstract_train_state(config: ModelConfig, section: ModelSection, mesh, tx):
+def abstract_train_state(config: ModelConfig, section: ModelSection, mesh, tx, standin: bool = True):
     """(graphdef, abstract TrainState) — eval_shape only, nothing allocated; leaves carry their rule
     shardings under `mesh` (none without one: the run's one-device path)."""
-    graphdef, params, expert_bias = split_model(plan_model(config, section))
+    graphdef, params, expert_bias = split_model(plan_model(config, section, standin))
     state = jax.eval_shape(lambda p, b: TrainState(
         params=p, expert_bias=b, opt_state=tx.init(p), step=jnp.zeros((), jnp.int32),
         rng=jax.random.key_data(jax.random.key(0))), params, expert_bias)
@@ -152,13 +153,16 @@ def batch_shape(run: SFTConfig, mesh_shape: dict[str, int], rows: int | None = N
 
 
 def plan_train_step(run: SFTConfig, *, rows: int | None = None, model_config: ModelConfig | None = None,
-                    name: str | None = None) -> dict:
-    """Compile the run's `train_step` for the devices JAX has (fake CPU devices under cascade-plan) and
-    return its per-device memory and cost. `rows`: global rows per micro-batch (default: one per batch
-    shard); each row holds `data.max_len` tokens, `train.micro_batches` micro-batches per step."""
+                    name: str | None = None, devices: list | None = None) -> dict:
+    """Compile the run's `train_step` for `devices` (default: the devices JAX has; fake CPU devices under
+    cascade-plan, compile-only GPUs with --target gpu) and return its per-device memory and cost. `rows`:
+    global rows per micro-batch (default: one per batch shard); each row holds `data.max_len` tokens,
+    `train.micro_batches` micro-batches per step. XLA:CPU compiles a stand-in grouped matmul (see module)."""
     config = model_config or model_config_of(run.model)
     check_model_section(run.model)
-    mesh = None if run.mesh.is_single_device() else make_mesh(run.mesh)
+    platform = (devices or jax.devices())[0].platform
+    standin = platform == "cpu"
+    mesh = None if run.mesh.is_single_device() else make_mesh(run.mesh, devices)
     mesh_shape = {} if mesh is None else dict(mesh.shape)
     shape = batch_shape(run, mesh_shape, rows)
     micro_batches, rows, seq_len = shape
@@ -166,14 +170,14 @@ def plan_train_step(run: SFTConfig, *, rows: int | None = None, model_config: Mo
     tx = build_optimizer(run.optimizer, run.train.steps)
     loss_fn = NextTokenLoss(run.train.loss_chunk_size)
     with mesh_context(mesh):
-        graphdef, state = abstract_train_state(config, run.model, mesh, tx)
+        graphdef, state = abstract_train_state(config, run.model, mesh, tx, standin)
         spec = None if mesh is None else batch_sharding(mesh, shape)
         batch = {k: jax.ShapeDtypeStruct(shape, jnp.int32, sharding=spec) for k in BATCH_KEYS}
         compiled = train_step.trace(state, batch, graphdef=graphdef, tx=tx, loss_fn=loss_fn,
                                     bias_update_rate=run.moe.bias_update_rate).lower().compile()
     memory, cost = compiled.memory_analysis(), compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-    devices = 1 if mesh is None else mesh.size
+    device_count = 1 if mesh is None else mesh.size
     # XLA's cost analysis counts a loop body once: the micro-batch scan's body is one micro-batch's work.
     tokens = rows * seq_len
     total = (memory.argument_size_in_bytes + memory.temp_size_in_bytes + memory.output_size_in_bytes
@@ -181,7 +185,7 @@ def plan_train_step(run: SFTConfig, *, rows: int | None = None, model_config: Mo
     m = run.model
     return dict(
         name=name or m.from_pretrained or m.preset, mesh={a: s for a, s in mesh_shape.items() if s > 1} or {},
-        devices=devices, rows=rows, seq_len=seq_len, micro_batches=micro_batches, remat=m.remat, dtype=m.dtype,
+        devices=device_count, compiler=f"XLA:{platform.upper()}", rows=rows, seq_len=seq_len, micro_batches=micro_batches, remat=m.remat, dtype=m.dtype,
         param_dtype=m.param_dtype, dispatch=m.backends.moe_dispatch, capacity_factor=m.backends.moe_capacity_factor,
         attention=m.backends.attention, grouped_matmul=m.backends.grouped_matmul,
         loss_chunk=run.train.loss_chunk_size,
@@ -189,7 +193,7 @@ def plan_train_step(run: SFTConfig, *, rows: int | None = None, model_config: Mo
         param_bytes=_shard_bytes((state.params, state.expert_bias)), opt_bytes=_shard_bytes(state.opt_state),
         argument_bytes=memory.argument_size_in_bytes, temp_bytes=memory.temp_size_in_bytes,
         output_bytes=memory.output_size_in_bytes, alias_bytes=memory.alias_size_in_bytes, total_bytes=total,
-        flops_per_token=float(cost.get("flops", 0.0)) * devices / tokens,
+        flops_per_token=float(cost.get("flops", 0.0)) * device_count / tokens,
         six_n_active=6.0 * config.num_active_params(),
         attention_flops=train_flops_per_token(config, seq_len) - 6.0 * config.num_active_params(),
     )

@@ -15,7 +15,7 @@ from cascade_jax.ops.attention import attention
 
 class AttentionMixer(nnx.Module):
     def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs, dtype=jnp.float32, param_dtype=jnp.float32,
-                 backend: str = "xla"):
+                 backend: str = "auto"):
         c = config
         self.config, self.backend = c, backend
         q_dim, kv_dim = c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim

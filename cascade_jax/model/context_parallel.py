@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
-from cascade_jax.ops.attention import attention
+from cascade_jax.ops.attention import attention, resolve_backend
 from cascade_jax.ops.conv import causal_conv1d
 from cascade_jax.ops.ssd import ssd_chunked
 from cascade_jax.parallel.rules import logical_to_spec
@@ -119,7 +119,7 @@ def _incoming_state(final, carry_decay):
 
 
 # ----------------------------------------------------------------------------- attention
-def sequence_attention(q, k, v, segment_ids, backend: str = "xla", block_size: int = 512):
+def sequence_attention(q, k, v, segment_ids, backend: str = "auto", block_size: int = 512):
     """`attention` over whole rows, context-parallel under a mesh (keys and values all-gathered)."""
     if segment_ids is None:
         segment_ids = jnp.zeros(q.shape[:2], jnp.int32)
@@ -131,8 +131,9 @@ def sequence_attention(q, k, v, segment_ids, backend: str = "xla", block_size: i
     spec_kv = _spec(("batch", "length", heads, None), k.shape)
     rows = _spec(("batch", "length"), segment_ids.shape)
     # The xla backend holds one query block's scores against every key, now R times as many keys: shrink
-    # its block so that stays the same size. Flash tiles keys too, so its blocks need not change.
-    if backend != "flash":
+    # its block so that stays the same size. The others tile keys too, so their blocks need not change.
+    backend = resolve_backend(backend)
+    if backend == "xla":
         block_size = max(16, block_size // ranks)
     body = partial(_attention_body, backend=backend, block_size=block_size)
     return jax.shard_map(body, in_specs=(spec_q, spec_kv, spec_kv, rows), out_specs=spec_q)(q, k, v, segment_ids)

@@ -50,7 +50,7 @@ def dropless_experts(
     indices: Int[Array, "N k"],
     up: Float[Array, "E D F"],
     down: Float[Array, "E F D"],
-    backend: str = "xla",
+    backend: str = "auto",
 ) -> Float[Array, "N D"]:
     """Σ_j w_j · down_e(relu(up_e(x))²) with every (token, expert) pair computed (no capacity, no drops)."""
     num_tokens, top_k = indices.shape
@@ -76,7 +76,7 @@ def routed_experts(
     indices: Int[Array, "N k"],
     up: Float[Array, "E D F"],
     down: Float[Array, "E F D"],
-    backend: str = "xla",
+    backend: str = "auto",
     dispatch: str = "local",
     capacity_factor: float | None = None,
 ) -> tuple[Float[Array, "N D"], Int[Array, ""]]:
@@ -103,7 +103,7 @@ def experts_reference(x, weights, indices, up, down):
 
 class MoEMixer(nnx.Module):
     def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs, dtype=jnp.float32, param_dtype=jnp.float32,
-                 backend: str = "xla", dispatch: str = "local", capacity_factor: float | None = None):
+                 backend: str = "auto", dispatch: str = "local", capacity_factor: float | None = None):
         c = config
         self.config, self.dtype, self.backend = c, dtype, backend
         self.dispatch, self.capacity_factor = dispatch, capacity_factor

@@ -18,6 +18,7 @@ from cascade_jax.model.layers import Linear, RMSNorm
 from cascade_jax.model.mamba2 import Mamba2Mixer
 from cascade_jax.model.mlp import MLP
 from cascade_jax.model.moe import MoEMixer
+from cascade_jax.ops.attention import BACKEND_NAMES as ATTENTION_BACKENDS
 from cascade_jax.parallel.rules import constrain
 
 
@@ -25,12 +26,14 @@ from cascade_jax.parallel.rules import constrain
 class Backends:
     """Kernel choices for the ops behind the mixers; the math does not change with them."""
 
-    attention: str = "xla"
-    grouped_matmul: str = "xla"
+    attention: str = "auto"                     # ops.attention: tokamax's flash kernels on GPU, xla elsewhere
+    grouped_matmul: str = "auto"                # ops.grouped_matmul: tokamax.ragged_dot on GPU, xla elsewhere
     moe_dispatch: str = "local"                 # local | allgather | all_to_all | ragged_all_to_all
     moe_capacity_factor: float | None = None    # all_to_all only; None = dropless buffer
 
     def __post_init__(self):
+        if self.attention not in ATTENTION_BACKENDS:
+            raise ValueError(f"attention {self.attention!r}: expected one of {list(ATTENTION_BACKENDS)}")
         if self.moe_dispatch not in STRATEGIES:
             raise ValueError(f"moe_dispatch {self.moe_dispatch!r}: expected one of {list(STRATEGIES)}")
 

@@ -1,8 +1,10 @@
 """Grouped-query causal attention with document (segment) masking; no positional encoding.
 
-Backends sit behind `attention(...)` so a fused kernel (cuDNN, tokamax) can replace the XLA one
-without touching the model. Softmax runs in fp32 in every backend. Masks are built per query block
-from segment ids, so nothing of size [T, T] exists beyond one block's scores.
+Backends sit behind `attention(...)` so a fused kernel can replace the XLA one without touching the
+model: `xla` (blockwise), `flash` (pure-JAX flash), `tokamax` (tokamax's fused GPU kernels, Mosaic-GPU
+then Triton; its chunked XLA version off GPU), `tokamax_mosaic` and `tokamax_triton` (one kernel, for
+measuring), and `auto`: `tokamax` on GPU, `xla` elsewhere. Softmax runs in fp32 in every backend. No
+backend builds a [T, T] mask: masks exist per block, or as per-query key ranges.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float, Int
 
+from cascade_jax.ops import attention_tokamax
 from cascade_jax.ops.flash_attention import flash_attention
 
 _MASKED = -0.7 * float(jnp.finfo(jnp.float32).max)
@@ -75,7 +78,27 @@ def _flash_attention(q, k, v, segment_ids, kv_segment_ids, q_offset, scale, bloc
     return flash_attention(q, k, v, segment_ids, kv_segment_ids, q_offset, scale, block_size, block_size)
 
 
-_BACKENDS = {"xla": _xla_attention, "flash": _flash_attention}
+def _tokamax(implementations):
+    def run(q, k, v, segment_ids, kv_segment_ids, q_offset, scale, block_size):
+        del segment_ids, block_size   # the kernels tile for themselves; queries' documents come from the keys'
+        chosen = implementations if jax.default_backend() == "gpu" else ("xla_chunked",)
+        return attention_tokamax.tokamax_attention(q, k, v, kv_segment_ids, q_offset, scale, chosen)
+    return run
+
+
+_BACKENDS = {"xla": _xla_attention, "flash": _flash_attention,
+             "tokamax": _tokamax(attention_tokamax.GPU_IMPLEMENTATIONS),
+             "tokamax_mosaic": _tokamax(("mosaic_gpu",)), "tokamax_triton": _tokamax(("triton",))}
+BACKEND_NAMES = ("auto", *_BACKENDS)
+
+
+def resolve_backend(name: str) -> str:
+    """The backend `name` runs on this platform (`auto` → `tokamax` on GPU, `xla` elsewhere)."""
+    if name == "auto":
+        return "tokamax" if jax.default_backend() == "gpu" else "xla"
+    if name not in _BACKENDS:
+        raise ValueError(f"attention backend {name!r}: expected one of {list(BACKEND_NAMES)}")
+    return name
 
 
 def attention(
@@ -93,9 +116,9 @@ def attention(
 
     Keys sit at positions 0..S-1 and queries at q_offset + 0..T-1 of the same rows; by default the keys
     are the queries' own tokens (S = T, offset 0). Context parallelism passes a shard's queries with
-    every shard's keys (`kv_segment_ids` for those, `q_offset` = where the shard starts)."""
-    if backend not in _BACKENDS:
-        raise ValueError(f"attention backend {backend!r}: expected one of {sorted(_BACKENDS)}")
+    every shard's keys (`kv_segment_ids` for those, `q_offset` = where the shard starts). The tokamax
+    backends also need each document to be one contiguous run (as packed rows are)."""
+    backend = resolve_backend(backend)
     kv_segment_ids = segment_ids if kv_segment_ids is None else kv_segment_ids
     return _BACKENDS[backend](q, k, v, segment_ids, kv_segment_ids, q_offset, q.shape[-1] ** -0.5, block_size)
 

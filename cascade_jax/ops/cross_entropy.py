@@ -78,17 +78,44 @@ def _token_shards(num_tokens: int) -> int:
     return math.prod(mesh.shape[a] for a in ((axes,) if isinstance(axes, str) else axes))
 
 
+# tokamax's chunked loss pads the vocabulary to whole blocks with zero weight columns, whose logits (0) then
+# count in the normaliser: it is exact only when its block divides the vocabulary.
+TOKAMAX_VOCAB_BLOCK = 2048
+
+
 def cross_entropy_sum(
     hidden: Float[Array, "N D"],
     kernel: Float[Array, "D V"],
     targets: Int[Array, "N"],
     mask: Array,
     chunk_size: int = 512,
+    backend: str = "chunked",
 ) -> tuple[Float[Array, ""], Float[Array, ""]]:
-    """(Σ over masked tokens of −log p(target), number of masked tokens); divide once per global batch."""
+    """(Σ over masked tokens of −log p(target), number of masked tokens); divide once per global batch.
+
+    `backend`: `chunked` (`token_log_probs`: chunks of tokens, any mesh) or `tokamax`
+    (tokamax.linear_softmax_cross_entropy_loss's chunked version: blocks of tokens × vocabulary, one device)."""
     weights = mask.astype(jnp.float32)
-    nll = -token_log_probs(hidden, kernel, targets, chunk_size)
+    if backend == "chunked":
+        nll = -token_log_probs(hidden, kernel, targets, chunk_size)
+    elif backend == "tokamax":
+        nll = _tokamax_nll(hidden, kernel, targets)
+    else:
+        raise ValueError(f"cross-entropy backend {backend!r}: expected 'chunked' or 'tokamax'")
     return jnp.sum(nll * weights), jnp.sum(weights)
+
+
+def _tokamax_nll(hidden, kernel, targets):
+    import tokamax  # imported lazily: only this backend needs it
+
+    vocab = kernel.shape[1]
+    if vocab % TOKAMAX_VOCAB_BLOCK:
+        raise ValueError(f"cross-entropy backend 'tokamax' needs a vocabulary that is a multiple of "
+                         f"{TOKAMAX_VOCAB_BLOCK} (got {vocab}): its padded vocabulary would enter the softmax")
+    if not jax.sharding.get_abstract_mesh().empty:
+        raise ValueError("cross-entropy backend 'tokamax' runs on one device; use 'chunked' under a mesh")
+    return tokamax.linear_softmax_cross_entropy_loss(hidden, targets, kernel.astype(hidden.dtype),
+                                                     reduction="none", implementation="chunked_xla")
 
 
 def cross_entropy_reference(hidden, kernel, targets, mask):

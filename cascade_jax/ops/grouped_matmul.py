@@ -3,8 +3,11 @@
 `grouped_matmul(x, w, group_sizes)` computes out[r] = x[r] @ w[g(r)], where rows 0..sizes[0]-1 belong
 to group 0, the next sizes[1] rows to group 1, and so on. Rows past sum(group_sizes) give 0.
 
-Backends are chosen by name (`Backends.grouped_matmul`); `register_backend` adds one (cascade-plan's
-stand-in for XLA:CPU does), `backend_names()` lists them.
+Backends are chosen by name (`Backends.grouped_matmul`): `tokamax` (tokamax.ragged_dot: its Pallas
+Mosaic-GPU kernels, with backward, on sm90), `ragged_dot` (XLA's), `tiled` (a dropless batched matmul
+for XLA:CPU), `xla` (`ragged_dot` on GPU/TPU, `tiled` on CPU) and `auto` (`tokamax` on GPU, `xla`
+elsewhere). `register_backend` adds one (cascade-plan's stand-in for XLA:CPU does), `backend_names()`
+lists them.
 """
 
 from __future__ import annotations
@@ -57,11 +60,16 @@ def _tokamax(x, w, group_sizes, preferred_element_type):
     return tokamax.ragged_dot(x, w, group_sizes, preferred_element_type=preferred_element_type)
 
 
+def _auto(x, w, group_sizes, preferred_element_type):
+    backend = _tokamax if jax.default_backend() == "gpu" else _xla
+    return backend(x, w, group_sizes, preferred_element_type)
+
+
 # fn(x [R, I], w [E, I, O] in x's dtype, group_sizes [E] int32, preferred_element_type) -> [R, O]
 GroupedMatmulFn = Callable[..., jax.Array]
 
 _BACKENDS: dict[str, GroupedMatmulFn] = {"xla": _xla, "ragged_dot": _ragged_dot, "tiled": _tiled,
-                                         "tokamax": _tokamax}
+                                         "tokamax": _tokamax, "auto": _auto}
 
 
 def register_backend(name: str, fn: GroupedMatmulFn) -> None:
@@ -87,7 +95,7 @@ def grouped_matmul(
     x: Float[Array, "R I"],
     w: Float[Array, "E I O"],
     group_sizes: Int[Array, "E"],
-    backend: str = "xla",
+    backend: str = "auto",
 ) -> Float[Array, "R O"]:
     """Accumulates in fp32 and returns x's dtype."""
     if backend not in _BACKENDS:

@@ -6,7 +6,7 @@ import pytest
 from cascade_jax.ops.grouped_matmul import grouped_matmul, grouped_matmul_reference
 
 
-@pytest.mark.parametrize("backend", ["xla", "ragged_dot", "tiled"])
+@pytest.mark.parametrize("backend", ["xla", "ragged_dot", "tiled", "tokamax", "auto"])
 @pytest.mark.parametrize("sizes", [[3, 0, 5, 2], [0, 0, 7, 0], [1, 1, 1, 1], [4, 4, 0, 1], [12, 0, 0, 0]])
 def test_grouped_matmul_matches_reference(sizes, backend):
     rows = 12  # more rows than sum(sizes): the tail must come out as zeros
@@ -19,13 +19,27 @@ def test_grouped_matmul_matches_reference(sizes, backend):
     np.testing.assert_array_equal(out[sum(sizes):], 0.0)
 
 
-def test_tokamax_backend_matches_xla():
-    pytest.importorskip("tokamax")
-    x = jax.random.normal(jax.random.key(0), (10, 8))
-    w = jax.random.normal(jax.random.key(1), (3, 8, 4))
-    sizes = jnp.array([4, 2, 4], jnp.int32)
-    np.testing.assert_allclose(grouped_matmul(x, w, sizes, "tokamax"), grouped_matmul(x, w, sizes, "xla"),
-                               rtol=1e-5, atol=1e-5)
+@pytest.mark.parametrize("backend", ["tokamax", "auto"])
+def test_tokamax_and_auto_gradients_match_reference(backend):
+    """Off GPU tokamax.ragged_dot is its XLA fallback; on GPU (benchmarks/gpu/run.sh) its Mosaic kernels."""
+    x = jax.random.normal(jax.random.key(0), (21, 8))
+    w = jax.random.normal(jax.random.key(1), (5, 8, 4))
+    sizes = jnp.array([4, 0, 9, 1, 5], jnp.int32)
+    probe = jax.random.normal(jax.random.key(2), (21, 4))
+    got = jax.grad(lambda a, b: jnp.sum(grouped_matmul(a, b, sizes, backend) * probe), argnums=(0, 1))(x, w)
+    want = jax.grad(lambda a, b: jnp.sum(grouped_matmul_reference(a, b, sizes) * probe), argnums=(0, 1))(x, w)
+    for g, g_ref in zip(got, want):
+        np.testing.assert_allclose(g, g_ref, rtol=1e-5, atol=1e-5)
+
+
+def test_tokamax_bf16_accumulates_in_fp32():
+    x = jax.random.normal(jax.random.key(3), (64, 256), jnp.bfloat16)
+    w = jax.random.normal(jax.random.key(4), (4, 256, 8), jnp.bfloat16)
+    sizes = jnp.array([10, 30, 0, 24], jnp.int32)
+    got = grouped_matmul(x, w, sizes, "tokamax")
+    assert got.dtype == jnp.bfloat16
+    want = grouped_matmul_reference(x, w, sizes)   # fp32 products, one rounding at the end
+    np.testing.assert_allclose(got.astype(jnp.float32), want.astype(jnp.float32), rtol=1e-2, atol=1e-1)
 
 
 @pytest.mark.parametrize("tile", [1, 3, 4, 64])

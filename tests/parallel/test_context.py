@@ -86,7 +86,8 @@ def test_no_mesh_is_the_plain_op():
                                                    inputs["C"], 8, segments)[0])
 
 
-def test_flash_attention_under_context_parallelism():
+@pytest.mark.parametrize("backend", ["flash", "tokamax"])
+def test_blockwise_attention_backends_under_context_parallelism(backend):
     inputs, segments = _inputs(2), _segments()
     qkv = dict(q=inputs["x"], k=inputs["k"], v=inputs["v"])
 
@@ -97,6 +98,6 @@ def test_flash_attention_under_context_parallelism():
     want = jax.value_and_grad(loss)(qkv, segments)
     mesh = make_mesh(MeshConfig(context=4, fsdp=2))
     with mesh_context(mesh):
-        got = jax.jit(jax.value_and_grad(lambda a, s: loss(a, s, backend="flash", block_size=8)))(
+        got = jax.jit(jax.value_and_grad(lambda a, s: loss(a, s, backend=backend, block_size=8)))(
             _place(qkv, mesh), _place(segments, mesh))
     assert_close(got, want)
