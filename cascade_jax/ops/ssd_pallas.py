@@ -3,7 +3,8 @@
 Same contract as `ssd.ssd_chunked`, and the same decomposition (the one the official Mamba-2 Triton kernels
 use). Per (batch row, chunk of L tokens, head), with cum_i = Σ_{k≤i} Δ_k·A the log-decay from the chunk start:
 
-1. XLA: pad to whole chunks, cum per chunk, document masks from the segment ids.
+1. XLA: pad to whole chunks, log-decays Δ·A, their cumulative sum cum per chunk, document masks from the
+   segment ids.
 2. Kernel `chunk_state`: the chunk's own end state
        S_c = Σ_j [j in the chunk's last document] exp(cum_{L-1} − cum_j) · (Δ_j x_j) ⊗ B_j      [P, N]
 3. XLA: pass the [P, N] states across chunks (`ssd._pass_states_*`), giving the state S_before entering
@@ -16,13 +17,16 @@ Why kernels: `ssd_chunked` materialises several [B, chunks, H, L, L] tensors (se
 in HBM, and its backward pass keeps more. Here the [L, L] decay and score tiles exist only inside one
 program's registers; in HBM there are only the inputs, the per-chunk states [B, chunks, H, P, N] and the
 outputs. Each kernel has a `jax.custom_vjp` whose backward pass is again a Pallas kernel that recomputes the
-tiles from the saved inputs (nothing chunk-sized is saved). Steps 1 and 3 are plain jnp, differentiated by
-JAX; the gradient of A reaches A through cum.
+tiles from the saved inputs (nothing chunk-sized is saved). The kernels' differentiable inputs are x, Δ,
+Δ·A, B, C and S_before; the rest of steps 1 and 3 is plain jnp, differentiated by JAX (A's gradient flows
+back through Δ·A).
 
-Differencing cumulative sums (cum_i − cum_j) loses fp32 precision where decays are long: |cum| reaches
-thousands while the differences that matter are O(1). `ssd_chunked` sums the masked terms directly; a
-kernel cannot cheaply, so cum is carried as an unevaluated fp32 pair hi + lo (a compensated sum) and the
-kernels difference hi and lo separately, which is exact to ~eps·|cum_i − cum_j|.
+Precision. Differencing cumulative sums (cum_i − cum_j) loses fp32 precision where decays are long: |cum|
+reaches thousands while the differences that matter are O(1). `ssd_chunked` sums the masked terms
+directly; a kernel cannot cheaply, so cum is carried as an unevaluated fp32 pair hi + lo (a compensated
+sum) and the kernels difference hi and lo separately, which is exact to ~eps·|cum_i − cum_j|. Likewise the
+backward kernels return the gradient of each token's log-decay summed from its own terms, not as a
+difference of gradients with respect to cum, in which large (near-)diagonal terms would cancel.
 
 The backward kernels run one program per (batch row, chunk, B/C group) and loop over the group's heads, so
 dB and dC are summed over heads in registers instead of through a [B, T, H, N] tensor, and C·Bᵀ is
@@ -39,6 +43,7 @@ import functools
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
 from jaxtyping import Array, Float, Int
 
 from cascade_jax.ops import ssd as _ssd
@@ -89,12 +94,11 @@ def ssd_pallas(
     chunk_decay = jnp.moveaxis(log_decay.reshape(batch, heads, chunks, chunk_size).sum(-1), 1, 2)  # [B, c, H]
     # The carry survives a chunk only if no document starts inside it.
     log_carry = jnp.where(last_seg == prev_last_seg, chunk_decay, -jnp.inf)
-    state0 = (jnp.zeros_like(own_states[:, 0]) if initial_state is None else initial_state.astype(_F32))
+    state0 = jnp.zeros_like(own_states[:, 0]) if initial_state is None else initial_state.astype(_F32)
     pass_states = _ssd._pass_states_matrix if chunks <= _ssd._MAX_MATRIX_CHUNKS else _ssd._pass_states_scan
     states_before, final_state = pass_states(log_carry, own_states, state0)
 
-    y = _chunk_scan(*shared, C, segment_ids, in_incoming_doc, states_before,
-                    chunk_size, interpret)
+    y = _chunk_scan(*shared, C, segment_ids, in_incoming_doc, states_before, chunk_size, interpret)
     return y[:, :length], final_state
 
 
@@ -142,7 +146,7 @@ def _head_specs(chunk, heads_per_group, head_dim, state_size):
 
 
 def _group_specs(chunk, heads_per_group, head_dim, state_size):
-    """Blocks for a (b, c, g) program: the same arrays, with a leading-or-middle axis over the group's heads."""
+    """Blocks for a (b, c, g) program: the same arrays, with an axis over the group's heads kept."""
     return dict(
         tokens=pl.BlockSpec((None, chunk, heads_per_group, head_dim), lambda b, c, g: (b, c, g, 0)),
         vector=pl.BlockSpec((None, heads_per_group, chunk), lambda b, c, g: (b, g, c)),
@@ -159,8 +163,11 @@ def _dims(x, B, chunk):
 
 
 def _call(kernel, grid, in_specs, out_specs, out_shape, interpret):
+    # One stage: the backward kernels load [L, P] and [P, N] tiles in their head loop, and Triton's
+    # software pipelining would keep several copies of each in shared memory (~3 × 96 KiB at L = N = 128,
+    # P = 64, beyond a Hopper SM's 228 KiB). The forward kernels have no loop, so it does not matter there.
     return pl.pallas_call(kernel, out_shape=out_shape, grid=grid, in_specs=in_specs, out_specs=out_specs,
-                          interpret=interpret)
+                          interpret=interpret, compiler_params=plgpu.CompilerParams(num_stages=1))
 
 
 # ----------------------------------------------------------------------------------------------------------

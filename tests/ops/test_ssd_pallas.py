@@ -72,7 +72,7 @@ def test_values_match_references(name):
 def test_bf16_inputs_are_computed_in_fp32():
     (x, dt, A, B, C, s0), chunk, seg = _case("packed")
     x, B, C, s0 = (a.astype(jnp.bfloat16) for a in (x, B, C, s0))
-    y, final = _interpreted(x, dt, A, B, C, chunk, seg, s0)
+    y, final = sp.ssd_pallas(x, dt, A, B, C, chunk, seg, s0)          # default: interpret mode off a GPU
     y_ref, final_ref = ssd_chunked(x, dt, A, B, C, chunk, seg, s0)
     chex.assert_type([y, final], jnp.float32)
     _assert_close(y, y_ref)
@@ -113,6 +113,18 @@ def test_gradients_match_chunked(name):
     for g, g_ref in zip(grads, expected):
         assert bool(jnp.all(jnp.isfinite(g)))
         _assert_close(g, g_ref)
+
+
+def test_bf16_gradients():
+    """Gradients come back in the inputs' dtypes. Both sides compute them in fp32 and round to bf16, so
+    they differ by at most one bf16 rounding step (2⁻⁸ relative), not by 1e-5."""
+    (x, dt, A, B, C, s0), chunk, seg = _case("packed")
+    args = (x.astype(jnp.bfloat16), dt, A, B.astype(jnp.bfloat16), C.astype(jnp.bfloat16), s0)
+    grads = _vjp(_interpreted, args, chunk, seg, jax.random.key(9))
+    expected = _vjp(ssd_chunked, args, chunk, seg, jax.random.key(9))
+    chex.assert_type(grads, [a.dtype for a in args])
+    for g, g_ref in zip(grads, expected):
+        _assert_close(g.astype(jnp.float32), g_ref.astype(jnp.float32), rtol=2**-8)
 
 
 def test_gradients_with_sequential_state_passing(monkeypatch):
