@@ -261,8 +261,8 @@ def section_mamba(bench: Bench):
     heads, p, n = config.mamba_num_heads, config.mamba_head_dim, config.ssm_state_size
     proj = 2 * length * config.hidden_size * (config.mamba_in_proj_dim + config.mamba_d_inner)
     flops = 3 * proj   # the projections; the scan is counted by bytes below
-    names = ["xla"] + (["pallas"] if _has_ssd_backends() else [])
-    variants(bench, "mamba layer", lambda b: _layer_loss(Mamba2Mixer, config, length, docs, **_ssd_kw(b)),
+    names = ["xla", "pallas"]
+    variants(bench, "mamba layer", lambda b: _layer_loss(Mamba2Mixer, config, length, docs, ssd_backend=b),
              names, flops=flops)
 
     from cascade_jax.ops.ssd import ssd_chunked
@@ -286,15 +286,6 @@ def section_mamba(bench: Bench):
         bound = min_bytes / bench.bandwidth
         print(f"  (ssd scan fwd, xla: {results['xla'][0] / bound:.2f}× its memory-bandwidth bound of "
               f"{bound * 1e3:.3f} ms; the issue's bar is 1.5×)")
-
-
-def _has_ssd_backends() -> bool:
-    from cascade_jax.model.nemotron_h import Backends
-    return "ssd" in {f.name for f in dataclasses.fields(Backends)}
-
-
-def _ssd_kw(name):
-    return {"ssd_backend": name} if _has_ssd_backends() else {}
 
 
 def _ssd_pallas():

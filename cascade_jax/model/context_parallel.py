@@ -24,9 +24,11 @@ from jax.sharding import PartitionSpec as P
 from cascade_jax.ops.attention import attention, resolve_backend
 from cascade_jax.ops.conv import causal_conv1d
 from cascade_jax.ops.ssd import ssd_chunked
+from cascade_jax.ops.ssd_pallas import ssd_pallas
 from cascade_jax.parallel.rules import logical_to_spec
 
 AXIS = "context"
+SSD_BACKENDS = {"xla": ssd_chunked, "pallas": ssd_pallas}
 
 
 def context_size(length: int, min_local: int = 1) -> int:
@@ -77,25 +79,27 @@ def _conv_body(x, weight, bias, segment_ids):
 
 
 # ----------------------------------------------------------------------------- SSD
-def sequence_ssd(x, dt, A, B, C, chunk_size: int, segment_ids):
-    """`ssd_chunked` output y (fp32, [B, T, H, P]) for whole rows, context-parallel under a mesh."""
+def sequence_ssd(x, dt, A, B, C, chunk_size: int, segment_ids, backend: str = "xla"):
+    """`ssd_chunked` output y (fp32, [B, T, H, P]) for whole rows, context-parallel under a mesh; `backend`
+    picks the scan (`SSD_BACKENDS`: XLA's chunked scan or the Pallas kernels)."""
+    scan = SSD_BACKENDS[backend]
     if segment_ids is None:
         segment_ids = jnp.zeros(x.shape[:2], jnp.int32)
     if context_size(x.shape[1]) == 1:
-        return ssd_chunked(x, dt, A, B, C, chunk_size, segment_ids)[0]
+        return scan(x, dt, A, B, C, chunk_size, segment_ids)[0]
     heads = _heads_axis(x.shape[2], B.shape[2])
     spec_x = _spec(("batch", "length", heads, None), x.shape)
     spec_dt = _spec(("batch", "length", heads), dt.shape)
     spec_bc = _spec(("batch", "length", heads, None), B.shape)
     rows = _spec(("batch", "length"), segment_ids.shape)
-    return jax.shard_map(partial(_ssd_body, chunk_size=chunk_size),
+    return jax.shard_map(partial(_ssd_body, chunk_size=chunk_size, scan=scan),
                          in_specs=(spec_x, spec_dt, P(spec_dt[2]), spec_bc, spec_bc, rows),
                          out_specs=spec_x)(x, dt, A, B, C, segment_ids)
 
 
-def _ssd_body(x, dt, A, B, C, segment_ids, *, chunk_size):
+def _ssd_body(x, dt, A, B, C, segment_ids, *, chunk_size, scan):
     f32 = jnp.float32
-    y, final = ssd_chunked(x, dt, A, B, C, chunk_size, segment_ids)
+    y, final = scan(x, dt, A, B, C, chunk_size, segment_ids)
     previous = jnp.concatenate([_from_left(segment_ids[:, -1:], -1), segment_ids[:, :-1]], axis=1)
     in_first_document = jnp.cumsum(segment_ids != previous, axis=1) == 0      # no document start yet
     log_decay = dt.astype(f32) * A.astype(f32)[None, None]                      # [B, L, H]

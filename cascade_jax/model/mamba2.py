@@ -26,9 +26,10 @@ def _initial_dt_bias(config: ModelConfig, key) -> Array:
 
 
 class Mamba2Mixer(nnx.Module):
-    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs, dtype=jnp.float32, param_dtype=jnp.float32):
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs, dtype=jnp.float32, param_dtype=jnp.float32,
+                 ssd_backend: str = "xla"):
         c = config
-        self.config, self.dtype = c, dtype
+        self.config, self.dtype, self.ssd_backend = c, dtype, ssd_backend
         heads, inner, conv_dim = c.mamba_num_heads, c.mamba_d_inner, c.mamba_conv_dim
         self.in_proj = Linear(c.hidden_size, c.mamba_in_proj_dim, ("embed", "mamba_in_proj"), rngs=rngs,
                               use_bias=c.mamba_proj_bias, std=c.initializer_range,
@@ -78,7 +79,7 @@ class Mamba2Mixer(nnx.Module):
             dt = jnp.clip(dt, *c.time_step_limit)
         A = -jnp.exp(self.A_log[...].astype(jnp.float32))
         if cache is None:
-            y = sequence_ssd(x, dt, A, B, C, c.chunk_size, segment_ids)
+            y = sequence_ssd(x, dt, A, B, C, c.chunk_size, segment_ids, self.ssd_backend)
         elif length == 1:   # decoding: one step of the recurrence instead of a padded chunk
             y, ssm_state = ssd_step(x[:, 0], dt[:, 0], A, B[:, 0], C[:, 0], cache.ssm)
             y = y[:, None]

@@ -12,6 +12,7 @@ from jaxtyping import Array, Float, Int
 from cascade_jax.config import ModelConfig
 from cascade_jax.model.attention import AttentionMixer
 from cascade_jax.model.cache import HybridCache
+from cascade_jax.model.context_parallel import SSD_BACKENDS
 from cascade_jax.model.embedding import embed_lookup
 from cascade_jax.model.expert_parallel import STRATEGIES
 from cascade_jax.model.layers import Linear, RMSNorm
@@ -30,10 +31,13 @@ class Backends:
     grouped_matmul: str = "auto"                # ops.grouped_matmul: tokamax.ragged_dot on GPU, xla elsewhere
     moe_dispatch: str = "local"                 # local | allgather | all_to_all | ragged_all_to_all
     moe_capacity_factor: float | None = None    # all_to_all only; None = dropless buffer
+    ssd: str = "xla"                            # xla | pallas (ops.ssd_pallas; not yet measured on a GPU)
 
     def __post_init__(self):
         if self.attention not in ATTENTION_BACKENDS:
             raise ValueError(f"attention {self.attention!r}: expected one of {list(ATTENTION_BACKENDS)}")
+        if self.ssd not in SSD_BACKENDS:
+            raise ValueError(f"ssd {self.ssd!r}: expected one of {list(SSD_BACKENDS)}")
         if self.moe_dispatch not in STRATEGIES:
             raise ValueError(f"moe_dispatch {self.moe_dispatch!r}: expected one of {list(STRATEGIES)}")
 
@@ -66,7 +70,7 @@ class Block(nnx.Module):
                             axes=("embed",))
         kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
         if letter == "M":
-            self.mixer = Mamba2Mixer(config, **kw)
+            self.mixer = Mamba2Mixer(config, ssd_backend=backends.ssd, **kw)
         elif letter == "E":
             self.mixer = MoEMixer(config, backend=backends.grouped_matmul, dispatch=backends.moe_dispatch,
                                   capacity_factor=backends.moe_capacity_factor, **kw)

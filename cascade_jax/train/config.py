@@ -203,6 +203,7 @@ def to_yaml(cfg) -> str:
 # reductions may round differently).
 _BOOKKEEPING = ("run_dir", "resume", "allow_config_change", "checkpoint.", "mesh.", "model.remat",
                 "model.backends.attention", "model.backends.grouped_matmul", "model.backends.moe_dispatch",
+                "model.backends.ssd",
                 "train.log_every", "train.eval_every", "train.eval_batches", "train.eval_data", "train.accuracy_",
                 "train.peak_flops_per_device", "data.worker_count", "data.worker_buffer_size",
                 "data.tokenize_in_background", "data.log_first", "data.strict")

@@ -208,3 +208,12 @@ def test_cascade_plan_config_end_to_end_on_two_devices():
     assert "mesh fsdp=2 on 2 devices; 4 rows × 128 tokens × 1 micro-batch; remat=none, compute float32" in out
     assert "parameters (float32)" in out and "fits in 141 GB: yes" in out
 
+
+
+def test_gpu_target_without_a_gpu_says_so_in_one_line():
+    done = subprocess.run([sys.executable, "-m", "cascade_jax.cli.plan", "--preset", "tiny", "--target", "gpu",
+                           "--seq-len", "128", "--devices", "2"], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    assert done.returncode == 1
+    assert done.stderr.strip() == ("cascade-plan: error: --target gpu needs a GPU in this process "
+                                   "(jax.devices('gpu') found none)")
