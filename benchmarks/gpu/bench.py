@@ -15,8 +15,8 @@ records failures instead of stopping; a section is skipped when too little of --
   decode     the sampler's decode step at batch 256 (tokens/s; the XLA path is the only one)
   plan       cascade-plan of the 8-GPU context=8 nano SFT recipe compiled by XLA:GPU (one device's program)
 
-The last thing printed is the table: ms, achieved TFLOP/s or GB/s, MFU against the measured matmul peak,
-the XLA variant's ms and the ratio XLA / this (>1: faster than XLA). `--smoke` runs every section at toy
+The last thing printed is the table: the check, ms, achieved TFLOP/s or GB/s, MFU against the measured
+matmul peak, the XLA variant's ms and, last, the ratio XLA / this (>1: faster than XLA). `--smoke` runs every section at toy
 shapes (CPU too; the test suite does, so the script is known to run before a GPU session spends time).
 
     python benchmarks/gpu/bench.py [--smoke] [--budget-s 480] [--only moe,attention] [--json PATH]
@@ -220,8 +220,8 @@ def section_moe(bench: Bench):
         flops = 3 * (2 * tokens * top_k * matmuls + 2 * tokens * hidden * experts)
         variants(bench, f"moe {label}", lambda b: _moe_layer(tokens, hidden, inter, experts, top_k, gated, b),
                  ["ragged_dot", "tokamax"], flops=flops)
-    print(f"  (moe: {tokens} tokens on this GPU; anchors per GPU at the Qwen3 shape on 8×H100: "
-          f"Megatron+DeepEP 12.41 ms, Marin JAX 13.1 ms)")
+    print(f"  (moe: {tokens} tokens on this GPU, routed experts only (nano's shared expert is a dense MLP beside "
+          f"them); anchors per GPU at the Qwen3 shape on 8×H100: Megatron+DeepEP 12.41 ms, Marin JAX 13.1 ms)")
 
 
 def _nano_width(smoke: bool, **changes) -> ModelConfig:
@@ -441,12 +441,12 @@ SECTIONS = {"peak": section_peak, "moe": section_moe, "mamba": section_mamba, "a
 
 
 def print_table(rows: list[Row]):
-    print("\n| section | variant | ms | achieved | MFU | XLA ms | XLA / this | check |")
+    print("\n| section | variant | check | ms | achieved | MFU | XLA ms | XLA / this |")
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:
         ratio = "" if r.ratio is None else f"{r.ratio:.2f}"
-        print(f"| {r.section} | {r.variant} | {_ms(r.ms)} | {r.rate} | {_pct(r.mfu)} | "
-              f"{'' if r.xla_ms is None else _ms(r.xla_ms)} | {ratio} | {r.check} |")
+        print(f"| {r.section} | {r.variant} | {r.check} | {_ms(r.ms)} | {r.rate} | {_pct(r.mfu)} | "
+              f"{'' if r.xla_ms is None else _ms(r.xla_ms)} | {ratio} |")
 
 
 def main(argv=None):
