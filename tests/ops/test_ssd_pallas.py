@@ -141,6 +141,7 @@ def test_gradients_with_sequential_state_passing(monkeypatch):
 # wrong backward kernel shows up here and not only in the end-to-end gradients.
 
 CHUNK, LENGTH, GROUPS = 16, 64, 2
+_INTERPRET = sp.KernelOptions(interpret=True)
 
 
 def _kernel_inputs(key):
@@ -204,7 +205,7 @@ def _assert_same_vjp(kernel, reference, primals, key):
 
 def test_chunk_state_kernel_vjp():
     i = _kernel_inputs(jax.random.key(10))
-    _assert_same_vjp(lambda *a: sp._chunk_state(*a, i["in_last"], CHUNK, True),
+    _assert_same_vjp(lambda *a: sp._chunk_state(*a, i["in_last"], CHUNK, _INTERPRET),
                      lambda *a: _chunk_state_jnp(*a, i["in_last"]),
                      (i["x"], i["dt"], i["log_decay"], i["B"]), jax.random.key(11))
 
@@ -214,7 +215,7 @@ def test_chunk_scan_kernel_vjp():
     masks = (i["seg"], i["incoming"])
 
     def kernel(x, dt, log_decay, B, C, states):
-        return sp._chunk_scan(x, dt, log_decay, B, C, *masks, states, CHUNK, True)
+        return sp._chunk_scan(x, dt, log_decay, B, C, *masks, states, CHUNK, _INTERPRET)
 
     def reference(x, dt, log_decay, B, C, states):
         return _chunk_scan_jnp(x, dt, log_decay, B, C, *masks, states)
@@ -227,3 +228,77 @@ def test_rejects_sizes_triton_cannot_tile():
     x, dt, A, B, C, _ = _inputs(jax.random.key(0), 40, 2)
     with pytest.raises(ValueError, match="chunk_size"):
         _interpreted(x, dt, A, B, C, 24)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# GPU tuning knobs. Interpret mode runs every dot at HIGHEST (XLA:CPU has no TF32 algorithms), so here they
+# must change nothing; what they lower to for a GPU is checked on the CUDA lowering below.
+
+def test_tuning_knobs_do_not_change_interpreted_results():
+    args, chunk, seg = _case("packed")
+
+    def run(**knobs):
+        fn = functools.partial(_interpreted, **knobs)
+        return jax.jit(lambda *a: (fn(*a[:5], chunk, seg, a[5]), _vjp(fn, a, chunk, seg, jax.random.key(3))))(*args)
+
+    expected = run()
+    for knobs in (dict(dot_precision="tf32x3", num_warps=8), dict(dot_precision="tf32", num_warps=2)):
+        chex.assert_trees_all_equal(run(**knobs), expected)
+
+
+@pytest.mark.parametrize("knobs, match", [(dict(dot_precision="bf16"), "dot_precision"),
+                                          (dict(num_warps=3), "num_warps"), (dict(num_warps=64), "num_warps")])
+def test_rejects_unknown_tuning_knobs(knobs, match):
+    x, dt, A, B, C, _ = _inputs(jax.random.key(0), 32, 2)
+    with pytest.raises(ValueError, match=match):
+        _interpreted(x, dt, A, B, C, 16, **knobs)
+
+
+@pytest.mark.filterwarnings("ignore:The Pallas Triton backend is deprecated")
+def test_knobs_reach_the_cuda_lowering(monkeypatch):
+    """Lowers forward and gradient for an H200 (an abstract device: no GPU needed) at the model's shape,
+    and reads the Triton modules: every tt.dot carries the chosen input precision, every kernel call the
+    chosen warps. Catches a knob that is silently dropped, not whether Triton compiles or how fast it runs."""
+    from jax._src.pallas.triton import pallas_call_registration as registration  # private: may move
+
+    to_triton = getattr(getattr(registration, "lowering", None), "lower_jaxpr_to_triton_module", None)
+    if to_triton is None:
+        pytest.skip("jax's Pallas Triton lowering no longer exposes lower_jaxpr_to_triton_module")
+    modules = []
+
+    def recording(*a, **k):
+        result = to_triton(*a, **k)
+        modules.append(result.module.operation.get_asm())
+        return result
+
+    monkeypatch.setattr(registration.lowering, "lower_jaxpr_to_triton_module", recording)
+    h200 = jax.sharding.AbstractDevice(device_kind="NVIDIA H200", num_cores=None, platform="cuda")
+    mesh = jax.sharding.AbstractMesh((1,), ("x",), abstract_device=h200)
+    batch, length, heads, head_dim, groups, state = 1, 256, 64, 64, 8, 128
+    shapes = [(batch, length, heads, head_dim), (batch, length, heads), (heads,), (batch, length, groups, state),
+              (batch, length, groups, state)]
+    args = [jax.ShapeDtypeStruct(s, jnp.float32) for s in shapes]
+
+    def lower(fn):
+        modules.clear()
+        with jax.sharding.use_abstract_mesh(mesh):
+            text = jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+        return text, [line for m in modules for line in m.splitlines() if "tt.dot " in line]
+
+    texts = {}
+    for precision, warps in (("highest", None), ("tf32x3", 8), ("tf32", 8)):
+        forward = functools.partial(sp.ssd_pallas, chunk_size=128, interpret=False, dot_precision=precision,
+                                    num_warps=warps)
+        # Squared: with a linear loss the forward chunk_scan's output would be dead code, and not lowered.
+        loss = lambda *a: sum(jnp.sum(out**2) for out in forward(*a))  # noqa: E731
+        for kind, fn, kernels, dots in (("forward", forward, 2, 4), ("grad", jax.grad(loss, range(5)), 4, 14)):
+            text, dot_lines = lower(fn)
+            texts[precision, kind] = text
+            assert text.count("__gpu$xla.gpu.triton") == kernels
+            assert text.count(f"num_warps = {warps or 4} : i32") == kernels
+            assert len(dot_lines) == dots
+            if precision == "highest":                                # IEEE: Triton's default, not printed
+                assert not any("tf32" in line for line in dot_lines), dot_lines[0]
+            else:
+                assert all(f"inputPrecision = {precision} " in line for line in dot_lines), dot_lines[0]
+    assert len({texts[precision, "forward"] for precision in ("highest", "tf32x3", "tf32")}) == 3
