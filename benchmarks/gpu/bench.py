@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import os
 import statistics
@@ -277,20 +278,36 @@ def section_mamba(bench: Bench):
     # The least any SSD must move: read x, Δ, B, C (as given), write y in fp32.
     min_bytes = x.nbytes + dt.nbytes + B.nbytes + C.nbytes + x.size * 4
 
-    def build(name):
-        fn = ssd_chunked if name == "xla" else _ssd_pallas()
+    def scan(name):
+        if name == "xla":
+            return ssd_chunked
+        from cascade_jax.ops.ssd_pallas import ssd_pallas
+        return functools.partial(ssd_pallas, **SSD_KERNEL_OPTIONS[name])
+
+    def forward(name):
+        fn = scan(name)
         return (lambda *a: fn(*a, config.chunk_size, segments)[0]), (x, dt, A, B, C)
 
-    results = variants(bench, "ssd scan fwd", build, names, bytes_=min_bytes)
+    def forward_backward(name):
+        fn = scan(name)
+        probe = jnp.cos(jnp.arange(p, dtype=jnp.float32))
+        loss = lambda *a: jnp.sum(fn(*a, config.chunk_size, segments)[0] * probe)  # noqa: E731
+        return jax.value_and_grad(loss, argnums=(0, 1, 2, 3, 4)), (x, dt, A, B, C)
+
+    kernels = ["xla", *SSD_KERNEL_OPTIONS]
+    results = variants(bench, "ssd scan fwd", forward, kernels, bytes_=min_bytes)
     if "xla" in results and bench.bandwidth:
         bound = min_bytes / bench.bandwidth
         print(f"  (ssd scan fwd, xla: {results['xla'][0] / bound:.2f}× its memory-bandwidth bound of "
               f"{bound * 1e3:.3f} ms; the issue's bar is 1.5×)")
+    variants(bench, "ssd scan fwd+bwd", forward_backward, ["xla", "pallas", "pallas tf32x3 8 warps"],
+             bytes_=3 * min_bytes)
 
 
-def _ssd_pallas():
-    from cascade_jax.ops.ssd_pallas import ssd_pallas
-    return ssd_pallas
+# ssd_pallas's GPU tuning (same math; interpret mode ignores them): HIGHEST is IEEE fp32 without tensor cores.
+SSD_KERNEL_OPTIONS = {"pallas": {}, "pallas 8 warps": {"num_warps": 8},
+                      "pallas tf32x3": {"dot_precision": "tf32x3"},
+                      "pallas tf32x3 8 warps": {"dot_precision": "tf32x3", "num_warps": 8}}
 
 
 def section_attention(bench: Bench):

@@ -99,6 +99,17 @@ def _pass_states_scan(log_carry, chunk_states, state0):
     return jnp.moveaxis(before, 0, 1), final
 
 
+def pad_to_chunks(token_arrays, segment_ids, chunk_size: int):
+    """Pad [B, T, ...] arrays to whole chunks with zeros (Δ = 0: decay 1, no input) in the last token's
+    segment, so the state passes through the padding unchanged."""
+    pad = -segment_ids.shape[1] % chunk_size
+    if not pad:
+        return tuple(token_arrays), segment_ids
+    padded = tuple(jnp.pad(a, [(0, 0), (0, pad)] + [(0, 0)] * (a.ndim - 2)) for a in token_arrays)
+    tail = jnp.broadcast_to(segment_ids[:, -1:], (segment_ids.shape[0], pad))
+    return padded, jnp.concatenate([segment_ids, tail], axis=1)
+
+
 def ssd_chunked(
     x: Float[Array, "B T H P"],
     dt: Float[Array, "B T H"],
@@ -119,15 +130,8 @@ def ssd_chunked(
     f32 = jnp.float32
     if segment_ids is None:
         segment_ids = jnp.zeros((batch, length), jnp.int32)
-    # Pad to whole chunks with Δ = 0 (decay 1, no input) in the last token's segment: the state is unchanged.
-    pad = -length % chunk_size
-    if pad:
-        def pad_time(a, value=0):
-            return jnp.pad(a, [(0, 0), (0, pad)] + [(0, 0)] * (a.ndim - 2), constant_values=value)
-        x, dt, B, C = pad_time(x), pad_time(dt), pad_time(B), pad_time(C)
-        segment_ids = jnp.concatenate(
-            [segment_ids, jnp.broadcast_to(segment_ids[:, -1:], (batch, pad))], axis=1)
-    chunks = (length + pad) // chunk_size
+    (x, dt, B, C), segment_ids = pad_to_chunks((x, dt, B, C), segment_ids, chunk_size)
+    chunks = segment_ids.shape[1] // chunk_size
 
     def to_chunks(a):
         return a.reshape((batch, chunks, chunk_size) + a.shape[2:]).astype(f32)

@@ -115,10 +115,7 @@ def ssd_pallas(
     _check_sizes(chunk_size, head_dim, B.shape[-1], heads, B.shape[2])
     if segment_ids is None:
         segment_ids = jnp.zeros((batch, length), jnp.int32)
-    # Pad to whole chunks with Δ = 0 (decay 1, no input) in the last token's segment: the state is unchanged.
-    pad = -length % chunk_size
-    x, dt, B, C = (_pad_time(a.astype(_F32), pad) for a in (x, dt, B, C))
-    segment_ids = jnp.concatenate([segment_ids, jnp.broadcast_to(segment_ids[:, -1:], (batch, pad))], axis=1)
+    (x, dt, B, C), segment_ids = _ssd.pad_to_chunks([a.astype(_F32) for a in (x, dt, B, C)], segment_ids, chunk_size)
     chunks = segment_ids.shape[1] // chunk_size
 
     seg = segment_ids.reshape(batch, chunks, chunk_size)
@@ -150,10 +147,6 @@ def _check_sizes(chunk_size, head_dim, state_size, heads, groups):
             raise ValueError(f"{name} must be a power of two ≥ 16 for the Triton kernels, got {size}")
     if heads % groups:
         raise ValueError(f"{heads} heads do not split into {groups} B/C groups")
-
-
-def _pad_time(a, pad):
-    return jnp.pad(a, [(0, 0), (0, pad)] + [(0, 0)] * (a.ndim - 2))
 
 
 def _chunk_cumsum(log_decay: Float[Array, "B H T"], chunk: int) -> tuple[Array, Array]:

@@ -13,6 +13,7 @@ import pytest
 from cascade_jax.ops import ssd
 from cascade_jax.ops import ssd_pallas as sp
 from cascade_jax.ops.ssd import ssd_chunked, ssd_reference
+from tests.ops.test_ssd import _inputs as ssd_inputs
 
 HEADS, HEAD_DIM, STATE = 4, 16, 16
 _interpreted = functools.partial(sp.ssd_pallas, interpret=True)
@@ -29,14 +30,7 @@ CASES = {
 
 
 def _inputs(key, length, groups, batch=2, heads=HEADS):
-    k = jax.random.split(key, 6)
-    x = jax.random.normal(k[0], (batch, length, heads, HEAD_DIM))
-    dt = jax.nn.softplus(jax.random.normal(k[1], (batch, length, heads)) - 1.0)
-    A = -jnp.exp(jax.random.uniform(k[2], (heads,), minval=-1.0, maxval=2.5))
-    B = jax.random.normal(k[3], (batch, length, groups, STATE))
-    C = jax.random.normal(k[4], (batch, length, groups, STATE))
-    s0 = jax.random.normal(k[5], (batch, heads, HEAD_DIM, STATE))
-    return x, dt, A, B, C, s0
+    return ssd_inputs(key, batch, length, heads, HEAD_DIM, groups, STATE)
 
 
 def _segments(rows, length):
