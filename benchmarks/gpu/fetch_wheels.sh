@@ -9,7 +9,9 @@ PY=.venv/bin/python
 [[ -x $PY ]] || { echo "fetch_wheels: no .venv here; run scripts/setup.sh first" >&2; exit 1; }
 PACKAGES=(tokamax qwix pydantic pydantic-core annotated-types typing-inspection typing-extensions immutabledict
           einshape omegaconf antlr4-python3-runtime grain array-record portpicker flax optax orbax-checkpoint)
-grep -qx '/.whl/' .git/info/exclude 2>/dev/null || echo '/.whl/' >> .git/info/exclude
+if [[ -d .git/info ]]; then   # a git checkout: keep the wheels out of commits
+  grep -qx '/.whl/' .git/info/exclude 2>/dev/null || echo '/.whl/' >> .git/info/exclude
+fi
 rm -rf .whl && mkdir -p .whl
 for name in "${PACKAGES[@]}"; do
   version=$($PY -c "import importlib.metadata as m, sys; print(m.version(sys.argv[1]))" "$name")
